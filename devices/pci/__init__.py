@@ -1,0 +1,50 @@
+"""The PCI device framework: config space, BARs, interrupts, and the device base class.
+
+Start with :class:`PciDevice` (``devices.pci.device``); ``docs/writing-a-device.md``
+walks through a complete model.
+"""
+
+from .bars import MAX_IO_BAR_SIZE, Bar, BarError, IoBar, MemoryBar, RomBar
+from .config import *  # noqa: F401,F403  (register offsets and bits)
+from .config import ConfigSpace, ConfigSpaceError
+from .device import (
+    CONFIG_REGION,
+    INTA,
+    INTB,
+    INTC,
+    INTD,
+    NO_PIN,
+    NUM_REGIONS,
+    ROM_REGION,
+    VGA_REGION,
+    InterruptSink,
+    PciDevice,
+    Region,
+    RegionAccessError,
+    RegionKind,
+)
+
+__all__ = [
+    "PciDevice",
+    "InterruptSink",
+    "Region",
+    "RegionKind",
+    "RegionAccessError",
+    "ConfigSpace",
+    "ConfigSpaceError",
+    "Bar",
+    "BarError",
+    "IoBar",
+    "MemoryBar",
+    "RomBar",
+    "MAX_IO_BAR_SIZE",
+    "NO_PIN",
+    "INTA",
+    "INTB",
+    "INTC",
+    "INTD",
+    "ROM_REGION",
+    "CONFIG_REGION",
+    "VGA_REGION",
+    "NUM_REGIONS",
+]

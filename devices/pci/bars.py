@@ -1,0 +1,184 @@
+"""Base address registers (BARs) and the expansion ROM, as a device model declares them.
+
+* :class:`IoBar` - port I/O space, 4 to 256 bytes (PCI 3.0 §6.2.5.1 caps I/O BARs at 256);
+* :class:`MemoryBar` - memory space, 32- or 64-bit, optionally prefetchable, >= 16 bytes;
+* :class:`RomBar` - the expansion ROM (BAR at 0x30), >= 2 KiB, read-only contents.
+
+Sizes are powers of two. A BAR is given to :meth:`devices.pci.PciDevice.add_bar`,
+which programs its register in config space (type bits read-only, address bits
+above the size writable, so the guest's sizing write of all-ones reads back the
+size mask) and gives it a *window* in the device's IoManager. Handlers are then
+attached to the whole BAR or to parts of it with :meth:`Bar.map`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from iomgr import DeviceIo, MmioAddressRange, PioAddressRange, Resource
+
+from .config import (
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_MEM_TYPE_64,
+    PCI_BASE_ADDRESS_SPACE_IO,
+    PCI_ROM_ADDRESS_ENABLE,
+)
+
+if TYPE_CHECKING:
+    from .device import PciDevice
+
+__all__ = ["Bar", "IoBar", "MemoryBar", "RomBar", "BarError", "MAX_IO_BAR_SIZE"]
+
+#: Largest I/O BAR (PCI Local Bus Specification 3.0, §6.2.5.1).
+MAX_IO_BAR_SIZE = 256
+
+
+class BarError(ValueError):
+    """A BAR declaration or mapping that cannot work (size, index, overlap)."""
+
+
+def _check_pow2(kind: str, size: int, minimum: int, maximum: int) -> None:
+    if size < minimum or size > maximum or size & (size - 1):
+        raise BarError(f"{kind} size must be a power of two in [{minimum:#x}, {maximum:#x}], not {size:#x}")
+
+
+class Bar:
+    """Common part of BARs: size, index, owner device and handler mappings."""
+
+    #: True for port I/O BARs (mapped on the PIO bus), False for memory.
+    is_io = False
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.index: int | None = None
+        self.device: PciDevice | None = None
+        self.mappings: list[tuple[int, int, DeviceIo]] = []
+
+    # -- config-space encoding (used by PciDevice.add_bar) --------------------
+
+    def type_bits(self) -> int:
+        """The read-only low bits of the BAR register."""
+        raise NotImplementedError
+
+    def address_mask(self) -> int:
+        """Writable bits of the (64-bit) BAR value: the address bits above the size."""
+        raise NotImplementedError
+
+    @property
+    def slots(self) -> int:
+        """Number of BAR registers (dwords) used: 2 for a 64-bit BAR, else 1."""
+        return 1
+
+    # -- handlers ---------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Base address of this BAR in the device's IoManager (see ``docs/design.md``)."""
+        if self.device is None or self.index is None:
+            raise BarError("the BAR is not added to a device yet")
+        return self.device.region_window(self.index)
+
+    def resource(self, offset: int, size: int) -> Resource:
+        """The IoManager resource for ``[offset, offset+size)`` of this BAR."""
+        if offset < 0 or size <= 0 or offset + size > self.size:
+            raise BarError(f"[{offset:#x}, +{size:#x}) is outside the {self.size:#x}-byte BAR")
+        if self.is_io:
+            return PioAddressRange(self.window + offset, size)
+        return MmioAddressRange(self.window + offset, size)
+
+    def map(self, handler: DeviceIo, offset: int = 0, size: int | None = None) -> None:
+        """Route accesses to ``[offset, offset+size)`` of this BAR to ``handler``.
+
+        ``size`` defaults to the rest of the BAR. The handler sees offsets
+        relative to ``offset`` (its own block), through ``pio_read``/``pio_write``
+        for an I/O BAR and ``read``/``write`` for a memory BAR. Several handlers
+        may share a BAR (disjoint blocks); one handler may serve several BARs.
+        """
+        if size is None:
+            size = self.size - offset
+        res = self.resource(offset, size)
+        dev = self.device
+        assert dev is not None
+        with dev.io.transaction() as tx:
+            dev.io.register_device_io(tx, handler, [res])
+        self.mappings.append((offset, size, handler))
+
+    def unmap(self, offset: int = 0) -> None:
+        """Remove the handler mapped at ``offset`` (accesses there become unclaimed)."""
+        for i, (off, size, _handler) in enumerate(self.mappings):
+            if off == offset:
+                dev = self.device
+                assert dev is not None
+                with dev.io.transaction() as tx:
+                    dev.io.unregister_device_io(tx, [self.resource(off, size)])
+                del self.mappings[i]
+                return
+        raise BarError(f"nothing is mapped at offset {offset:#x} of BAR{self.index}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size:#x}, index={self.index})"
+
+
+class IoBar(Bar):
+    """A port I/O BAR of ``size`` bytes (4..256)."""
+
+    is_io = True
+
+    def __init__(self, size: int) -> None:
+        _check_pow2("I/O BAR", size, 4, MAX_IO_BAR_SIZE)
+        super().__init__(size)
+
+    def type_bits(self) -> int:
+        return PCI_BASE_ADDRESS_SPACE_IO
+
+    def address_mask(self) -> int:
+        return ~(self.size - 1) & 0xFFFF_FFFC
+
+
+class MemoryBar(Bar):
+    """A memory BAR of ``size`` bytes; ``bits`` is 32 or 64; optionally prefetchable."""
+
+    def __init__(self, size: int, *, bits: int = 32, prefetchable: bool = False) -> None:
+        if bits not in (32, 64):
+            raise BarError(f"a memory BAR is 32- or 64-bit, not {bits}-bit")
+        _check_pow2("memory BAR", size, 16, (1 << 31) if bits == 32 else (1 << 40))
+        super().__init__(size)
+        self.bits = bits
+        self.prefetchable = prefetchable
+
+    @property
+    def slots(self) -> int:
+        return 2 if self.bits == 64 else 1
+
+    def type_bits(self) -> int:
+        bits = PCI_BASE_ADDRESS_MEM_TYPE_64 if self.bits == 64 else 0
+        if self.prefetchable:
+            bits |= PCI_BASE_ADDRESS_MEM_PREFETCH
+        return bits
+
+    def address_mask(self) -> int:
+        limit = (1 << self.bits) - 1
+        return ~(self.size - 1) & limit & ~0xF
+
+    def __repr__(self) -> str:
+        pf = ", prefetchable" if self.prefetchable else ""
+        return f"MemoryBar(size={self.size:#x}, bits={self.bits}{pf}, index={self.index})"
+
+
+class RomBar(Bar):
+    """The expansion ROM: ``data`` padded with 0xff to ``size`` (default: next power of two)."""
+
+    def __init__(self, data: bytes, size: int | None = None) -> None:
+        if size is None:
+            size = max(0x800, 1 << max(0, len(data) - 1).bit_length())
+        _check_pow2("ROM", size, 0x800, 1 << 24)
+        if len(data) > size:
+            raise BarError(f"ROM data ({len(data)} bytes) does not fit in {size:#x} bytes")
+        super().__init__(size)
+        self.data = bytes(data) + b"\xff" * (size - len(data))
+
+    def type_bits(self) -> int:
+        return 0
+
+    def address_mask(self) -> int:
+        return (~(self.size - 1) & 0xFFFF_F800) | PCI_ROM_ADDRESS_ENABLE

@@ -1,0 +1,111 @@
+"""Command line: ``vfiouser serve <device> --socket PATH [--param key=value ...] [-v]``.
+
+``<device>`` is a built-in name (``vfiouser devices`` lists them) or
+``package.module:Class``. Once the socket listens, the exact QEMU ``-device``
+argument is printed on standard output (one line, flushed), so a script can
+wait for it. SIGINT and SIGTERM stop the server cleanly and remove the socket.
+
+``-v`` logs every decoded message, ``--trace FILE`` records every message as
+JSON lines (see :mod:`vfiouser.trace`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device
+
+from .errors import VfioUserError
+from .server import Server
+from .trace import Tracer
+
+__all__ = ["main"]
+
+log = logging.getLogger("vfiouser.cli")
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DeviceLoadError(f"--param {item!r}: expected key=value")
+        params[key] = value
+    return params
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _cmd_serve(args) -> int:
+    try:
+        device = make_device(args.device, _parse_params(args.param))
+    except DeviceLoadError as exc:
+        print(f"vfiouser: {exc}", file=sys.stderr)
+        return 2
+    tracer = Tracer(open(args.trace, "w", encoding="utf-8")) if args.trace else None
+    try:
+        server = Server(device, args.socket, tracer=tracer)
+    except (VfioUserError, OSError) as exc:
+        print(f"vfiouser: cannot listen on {args.socket}: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(f"-device '{server.qemu_device_json()}'", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+        if tracer is not None:
+            tracer.close()
+    return 0
+
+
+def _cmd_devices(args) -> int:
+    for name, path in sorted(BUILTIN_DEVICES.items()):
+        cls = load_device_class(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        module_doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:12} {cls.vendor_id:04x}:{cls.device_id:04x}  {module_doc[0] if module_doc else summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vfiouser", description="Python PCI device models for QEMU's vfio-user-pci.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a device model on a UNIX socket")
+    serve.add_argument("device", help="built-in device name or package.module:Class")
+    serve.add_argument("--socket", "-s", required=True, metavar="PATH", help="UNIX socket to listen on")
+    serve.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                       help="device parameter (repeatable), e.g. loopback=on")
+    serve.add_argument("--trace", metavar="FILE", help="record every message to FILE as JSON lines")
+    serve.add_argument("-v", "--verbose", action="count", default=0, help="log every decoded message")
+    serve.set_defaults(func=_cmd_serve)
+    devices = sub.add_parser("devices", help="list the built-in devices")
+    devices.set_defaults(func=_cmd_devices, verbose=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vfiouser`` command."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

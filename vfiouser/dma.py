@@ -1,0 +1,174 @@
+"""DMA map bookkeeping: which client (guest) addresses the device may access, and how.
+
+DMA_MAP adds ``[addr, addr+size)`` with read/write permission. With an fd
+(guest RAM shared through ``memory-backend-memfd,share=on``) the range is
+mmapped ``MAP_SHARED`` with the map's protection and accessed in place; without
+one (QEMU's default RAM, ROM, the device's own mmap-able BAR areas) it is only
+recorded, and data moves through DMA_READ/DMA_WRITE messages. DMA_UNMAP removes
+exactly one mapped range (or all of them with the ALL flag).
+
+Rules (errno of the error reply in brackets): a range must be non-empty, not
+wrap around 2**64 and not overlap another map (EEXIST) unless it is the very
+same range, which then replaces the old map. Unmapping a range that was not
+mapped is ENOENT. Mapping with an fd that cannot be mmapped keeps the range as
+a message-only map and logs a warning.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+
+from .errors import BadDmaRequest
+from .protocol import DmaMapFlags
+
+__all__ = ["DmaRegion", "DmaMappings"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DmaRegion:
+    """One mapped range. ``mem`` is a memoryview of the mapping, or ``None`` for message-only DMA."""
+
+    addr: int
+    size: int
+    flags: int
+    mem: memoryview | None = None
+    _map: mmap.mmap | None = None
+    _whole: memoryview | None = None
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & DmaMapFlags.READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & DmaMapFlags.WRITE)
+
+    def release(self) -> None:
+        """Drop the mapping (the view first, then the mmap)."""
+        for view in (self.mem, self._whole):
+            if view is not None:
+                view.release()
+        self.mem = self._whole = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                log.warning("DMA map [%#x, +%#x) still in use; it is freed when its last user lets go",
+                            self.addr, self.size)
+            self._map = None
+
+    def __repr__(self) -> str:
+        mode = "mmap" if self.mem is not None else "msg"
+        return f"DmaRegion({self.addr:#x}, +{self.size:#x}, flags={self.flags:#x}, {mode})"
+
+
+class DmaMappings:
+    """The DMA maps of one session, sorted by address."""
+
+    def __init__(self, max_maps: int = 65535) -> None:
+        self.max_maps = max_maps
+        self._addrs: list[int] = []
+        self._regions: list[DmaRegion] = []
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def __iter__(self):
+        return iter(list(self._regions))
+
+    def add(self, addr: int, size: int, flags: int, fd: int | None = None, offset: int = 0) -> DmaRegion:
+        """Map ``[addr, addr+size)``. Takes ownership of ``fd`` (it is closed here)."""
+        try:
+            if flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE):
+                raise BadDmaRequest(f"unknown DMA_MAP flag bits {flags:#x}")
+            if size == 0 or addr + size > 1 << 64:
+                raise BadDmaRequest(f"invalid DMA range [{addr:#x}, +{size:#x})")
+            i = bisect.bisect_right(self._addrs, addr) - 1
+            replace = None
+            for j in (i, i + 1):
+                if 0 <= j < len(self._regions):
+                    other = self._regions[j]
+                    if other.addr == addr and other.size == size:
+                        replace = j
+                    elif other.addr < addr + size and addr < other.end:
+                        raise BadDmaRequest(
+                            f"DMA range [{addr:#x}, +{size:#x}) overlaps [{other.addr:#x}, +{other.size:#x})",
+                            errno=errno.EEXIST,
+                        )
+            if replace is None and len(self._regions) >= self.max_maps:
+                raise BadDmaRequest(f"too many DMA maps (max {self.max_maps})", errno=errno.ENOSPC)
+            region = DmaRegion(addr, size, flags)
+            if fd is not None:
+                self._mmap(region, fd, offset)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if replace is not None:
+            self._regions[replace].release()
+            self._regions[replace] = region
+        else:
+            pos = bisect.bisect_right(self._addrs, addr)
+            self._addrs.insert(pos, addr)
+            self._regions.insert(pos, region)
+        log.debug("DMA map %r", region)
+        return region
+
+    @staticmethod
+    def _mmap(region: DmaRegion, fd: int, offset: int) -> None:
+        prot = 0
+        if region.flags & DmaMapFlags.READ:
+            prot |= mmap.PROT_READ
+        if region.flags & DmaMapFlags.WRITE:
+            prot |= mmap.PROT_WRITE
+        if not prot:
+            return
+        # mmap needs a page-aligned file offset: map from the page start and skip the slack.
+        slack = offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(fd, region.size + slack, flags=mmap.MAP_SHARED, prot=prot, offset=offset - slack)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot mmap DMA range [%#x, +%#x) (fd offset %#x): %s; using DMA messages",
+                        region.addr, region.size, offset, exc)
+            return
+        region._map = m
+        region._whole = memoryview(m)
+        region.mem = region._whole[slack : slack + region.size]
+
+    def remove(self, addr: int, size: int) -> DmaRegion:
+        """Unmap exactly ``[addr, addr+size)``; :class:`BadDmaRequest` (ENOENT) if it is not mapped."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i < 0 or self._regions[i].addr != addr or self._regions[i].size != size:
+            raise BadDmaRequest(f"DMA range [{addr:#x}, +{size:#x}) is not mapped", errno=errno.ENOENT)
+        region = self._regions.pop(i)
+        del self._addrs[i]
+        region.release()
+        log.debug("DMA unmap %r", region)
+        return region
+
+    def remove_all(self) -> None:
+        """Unmap everything."""
+        regions, self._regions, self._addrs = self._regions, [], []
+        for region in regions:
+            region.release()
+
+    def find(self, addr: int, size: int) -> DmaRegion | None:
+        """The map that contains all of ``[addr, addr+size)``, or ``None``."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i >= 0:
+            region = self._regions[i]
+            if addr + size <= region.end:
+                return region
+        return None
+
+    close = remove_all

@@ -1,0 +1,94 @@
+"""The served device as the vfio-user protocol sees it.
+
+A :class:`DeviceEndpoint` wraps one :class:`devices.pci.PciDevice` for the whole
+life of a server: it realizes the model, answers the questions about regions
+and interrupts that DEVICE_GET_INFO, GET_REGION_INFO and GET_IRQ_INFO ask, and
+routes the model's interrupts to whichever session is connected (or nowhere,
+between clients). Sessions come and go; the endpoint and the device state stay.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from devices.pci import NUM_REGIONS, PciDevice, RegionKind
+
+from .protocol import IrqIndex, RegionFlags
+
+__all__ = ["DeviceEndpoint", "RegionEntry"]
+
+
+@dataclass(frozen=True)
+class RegionEntry:
+    """One region as DEVICE_GET_REGION_INFO reports it."""
+
+    index: int
+    size: int
+    flags: int
+    kind: str
+
+
+class DeviceEndpoint:
+    """A device model made servable: region table, interrupt counts, interrupt routing."""
+
+    def __init__(self, model: PciDevice) -> None:
+        model.realize()
+        self.model = model
+        self.regions: list[RegionEntry] = []
+        for region in model.regions():
+            flags = 0
+            if region.size:
+                if region.readable:
+                    flags |= RegionFlags.READ
+                if region.writable:
+                    flags |= RegionFlags.WRITE
+            self.regions.append(RegionEntry(region.index, region.size, int(flags), region.kind))
+        assert len(self.regions) == NUM_REGIONS
+        #: Region sizes by index, for the hot path's bounds checks.
+        self.region_sizes = [r.size for r in self.regions]
+        self.region_writable = [bool(r.flags & RegionFlags.WRITE) for r in self.regions]
+        self.irq_counts = [0] * 5
+        self.irq_counts[IrqIndex.INTX] = 1 if model.interrupt_pin else 0
+        self.irq_counts[IrqIndex.ERR] = 1
+        self.irq_counts[IrqIndex.REQ] = 1
+        self._irqs = None
+        self._lock = threading.Lock()
+        model.attach(self)
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.regions)
+
+    @property
+    def num_irqs(self) -> int:
+        return len(self.irq_counts)
+
+    def describe_regions(self) -> str:
+        """One line per present region, for the server's start-up log."""
+        lines = []
+        for r in self.regions:
+            if r.size and r.kind != RegionKind.CONFIG:
+                lines.append(f"region {r.index}: {r.kind} {r.size:#x} bytes")
+        return "; ".join(lines) or "no BARs"
+
+    # -- interrupt routing (the model's InterruptSink) --------------------------
+
+    def connect_irqs(self, irqs) -> None:
+        """Deliver the model's interrupts to ``irqs`` (a session's :class:`~vfiouser.irq.IrqState`)."""
+        with self._lock:
+            self._irqs = irqs
+
+    def disconnect_irqs(self, irqs) -> None:
+        with self._lock:
+            if self._irqs is irqs:
+                self._irqs = None
+
+    def intx(self, asserted: bool) -> None:
+        irqs = self._irqs
+        if irqs is not None:
+            irqs.intx(asserted)
+
+    def intx_level(self) -> bool:
+        """The model's effective INTx level (asserted and not disabled)."""
+        return self.model.intx_pending()

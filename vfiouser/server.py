@@ -1,0 +1,275 @@
+"""The vfio-user server: a UNIX socket that serves one device model to one client at a time.
+
+QEMU opens one connection per ``vfio-user-pci`` device and never reconnects,
+so the server serves clients one after another: when a client goes away its
+fds and mappings are released and the next ``connect()`` gets a fresh session
+on the same device (whose state is kept). A client that connects while another
+is being served gets an EBUSY error reply to its first message and is
+disconnected.
+
+One thread runs the loop (:meth:`Server.serve_forever`); :meth:`Server.stop`
+may be called from any thread or a signal handler.
+
+>>> import tempfile, os
+>>> from devices.idio16 import Idio16
+>>> path = os.path.join(tempfile.mkdtemp(), "idio16.sock")
+>>> with Server(Idio16(), path) as server:
+...     print(server.qemu_device_json())  # doctest: +ELLIPSIS
+{"driver":"vfio-user-pci","socket":{"type":"unix","path":"...idio16.sock"}}
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+
+from devices.pci import PciDevice
+
+from .endpoint import DeviceEndpoint
+from .errors import ConnectionClosed, VfioUserError
+from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
+from .session import ServerCapabilities, Session
+
+__all__ = ["Server", "SocketInUse", "serve_in_thread"]
+
+log = logging.getLogger(__name__)
+
+
+class SocketInUse(VfioUserError):
+    """The socket path belongs to a live server, or is not a socket at all."""
+
+
+def _prepare_path(path: str) -> None:
+    """Remove a stale socket at ``path``; refuse a live one or a non-socket file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s", path)
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise SocketInUse(f"{path}: cannot tell whether it is in use ({exc})") from exc
+    finally:
+        probe.close()
+    raise SocketInUse(f"{path} is in use by a running server")
+
+
+class Server:
+    """Serves ``device`` on the UNIX socket ``path``.
+
+    The socket is created (mode 0600) by the constructor, so a client may
+    connect as soon as it returns; :meth:`serve_forever` accepts and serves.
+    ``trace`` is an optional :class:`vfiouser.trace.Tracer`.
+    """
+
+    def __init__(
+        self,
+        device: PciDevice,
+        path: str,
+        *,
+        caps: ServerCapabilities | None = None,
+        tracer=None,
+        backlog: int = 4,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.endpoint = DeviceEndpoint(device)
+        self.device = device
+        self.caps = caps or ServerCapabilities()
+        self.tracer = tracer
+        self.session: Session | None = None
+        self.sessions_served = 0
+        self._sel = selectors.DefaultSelector()
+        self._stopping = False
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _prepare_path(self.path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(self.path)
+            os.chmod(self.path, 0o600)
+            self._listener.listen(backlog)
+        except OSError:
+            self._listener.close()
+            raise
+        self._listener.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._watched: dict[int, object] = {}
+        self._idle = threading.Event()
+        self._idle.set()
+        log.info("serving %r on %s (%s)", device, self.path, self.endpoint.describe_regions())
+
+    # -- public ------------------------------------------------------------------
+
+    def qemu_device_json(self, **extra) -> str:
+        """The JSON for QEMU's ``-device`` option that attaches to this server."""
+        spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": self.path}}
+        spec.update(extra)
+        return json.dumps(spec, separators=(",", ":"))
+
+    def serve_forever(self) -> None:
+        """Accept and serve clients until :meth:`stop`."""
+        try:
+            while not self._stopping:
+                for key, _ in self._sel.select():
+                    key.data(key.fileobj)
+                    if self._stopping:
+                        break
+        finally:
+            self._end_session()
+
+    def stop(self) -> None:
+        """Make :meth:`serve_forever` return (safe from other threads and signal handlers)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no client is connected; True if so."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        """Stop serving, close every socket and remove the socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._end_session()
+        for obj in (self._listener,):
+            try:
+                self._sel.unregister(obj)
+            except (KeyError, ValueError):
+                pass
+            obj.close()
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.device.attach(None)
+        log.info("server on %s closed", self.path)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.close()
+
+    # -- loop callbacks ----------------------------------------------------------
+
+    def _on_wake(self, fileobj) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
+    def _on_accept(self, listener) -> None:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("accept failed: %s", exc)
+            return
+        if self.session is not None:
+            log.warning("a second client connected while %s is served; answering EBUSY", self.session.name)
+            self._sel.register(conn, selectors.EVENT_READ, self._on_busy_client)
+            return
+        self.sessions_served += 1
+        name = f"client{self.sessions_served}"
+        log.info("%s connected", name)
+        self._idle.clear()
+        self.session = Session(
+            conn, self.endpoint, name=name, caps=self.caps, tracer=self.tracer, watch=self._watch, unwatch=self._unwatch
+        )
+        self._sel.register(conn, selectors.EVENT_READ, self._on_session)
+
+    def _on_session(self, conn) -> None:
+        session = self.session
+        if session is None:
+            return
+        if not session.on_readable():
+            self._end_session()
+
+    def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        for fd in list(self._watched):
+            self._unwatch(fd)
+        try:
+            self._sel.unregister(session.transport.sock)
+        except (KeyError, ValueError):
+            pass
+        session.close()
+        log.info("%s gone; its fds and DMA mappings are released, waiting for the next client", session.name)
+        self._idle.set()
+
+    def _on_busy_client(self, conn) -> None:
+        """Answer the first message of a client that came while another is served, then drop it."""
+        try:
+            data = conn.recv(HEADER_SIZE, socket.MSG_PEEK)
+            if len(data) == HEADER_SIZE:
+                msg_id, cmd, _, flags, _ = HEADER.unpack(data)
+                if flags & MsgFlags.TYPE_MASK == MsgType.COMMAND and not flags & MsgFlags.NO_REPLY:
+                    reply = HEADER.pack(msg_id, cmd, HEADER_SIZE, MsgType.REPLY | MsgFlags.ERROR, errno.EBUSY)
+                    conn.sendall(reply)
+            elif data:
+                return  # wait for a whole header
+        except (OSError, ConnectionClosed):
+            pass
+        self._sel.unregister(conn)
+        conn.close()
+
+    # -- extra fds a session wants polled (INTx resample eventfd) ----------------
+
+    def _watch(self, fd: int, callback) -> None:
+        self._watched[fd] = callback
+        self._sel.register(fd, selectors.EVENT_READ, lambda _f: callback())
+
+    def _unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+
+class serve_in_thread:
+    """Run a :class:`Server` on a background thread (for tests and embedding).
+
+    ``with serve_in_thread(device, path) as server:`` starts serving and, on
+    exit, stops the server, joins the thread and removes the socket.
+    """
+
+    def __init__(self, device: PciDevice, path: str, **kwargs) -> None:
+        self.server = Server(device, path, **kwargs)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="vfiouser-server", daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        return self.server
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()
+        self.thread.join(10)
+        self.server.close()

@@ -1,0 +1,586 @@
+"""A server session: one client connection, from VERSION to end of stream.
+
+States: ``NEGOTIATING`` (only VERSION is accepted) -> ``RUNNING`` -> ``CLOSED``.
+
+Each wake-up reads every complete message the socket holds, processes them
+strictly in arrival order (a read after a posted write sees that write) and
+sends all replies in one ``sendmsg`` (a reply that carries fds starts a new
+one, so the fds arrive with its first byte). A command flagged NO_REPLY never
+gets a reply, not even an error one.
+
+Bad input never ends the session: it is answered with an error reply whose
+errno says what was wrong (see :mod:`vfiouser.errors`), logged, and the next
+message is processed. The exceptions are the ones that leave nothing to talk
+about: a header that cannot be framed and a failed VERSION exchange (error
+reply, then the connection is closed). An exception raised by the device model
+becomes an EIO error reply and a logged traceback.
+
+On end of stream the session closes every fd the client gave it, drops every
+DMA mapping and stops routing interrupts; the device model and its state stay
+for the next client.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from devices.pci import RegionAccessError
+
+from .dma import DmaMappings
+from .endpoint import DeviceEndpoint
+from .errors import (
+    BadDmaRequest,
+    BadIrqRequest,
+    BadRegionAccess,
+    ConnectionClosed,
+    FramingError,
+    MalformedMessage,
+    MessageTooLarge,
+    NegotiationError,
+    ProtocolError,
+    UnknownCommand,
+    UnsupportedCommand,
+)
+from .irq import IrqState
+from .protocol import (
+    HEADER,
+    HEADER_SIZE,
+    REGION_ACCESS,
+    REGION_INFO_SIZE,
+    Command,
+    DeviceFeature,
+    DeviceFlags,
+    DeviceInfo,
+    DmaMap,
+    DmaUnmap,
+    DmaUnmapFlags,
+    FeatureFlags,
+    IoFdsRequest,
+    IrqInfo,
+    IrqSet,
+    MsgFlags,
+    MsgType,
+    RegionInfo,
+    Version,
+    WriteMulti,
+    WriteMultiEntry,
+    build_region_caps,
+    command_name,
+    describe,
+    fixed_layout,
+)
+from .transport import Frame, Transport
+
+__all__ = ["Session", "SessionState", "ServerCapabilities", "ClientCapabilities", "MAX_WRITE_MULTI"]
+
+log = logging.getLogger(__name__)
+
+#: Most writes in one REGION_WRITE_MULTI (the specification's limit).
+MAX_WRITE_MULTI = 200
+#: Most bytes in one REGION_WRITE_MULTI write.
+MULTI_WRITE_MAX_DATA = 8
+
+_DMA_MAP = fixed_layout(DmaMap)
+_DMA_UNMAP = fixed_layout(DmaUnmap)
+_DEVICE_INFO = fixed_layout(DeviceInfo)
+_REGION_INFO = fixed_layout(RegionInfo)
+_IO_FDS = fixed_layout(IoFdsRequest)
+_IRQ_INFO = fixed_layout(IrqInfo)
+_IRQ_SET = fixed_layout(IrqSet)
+_WRITE_MULTI_COUNT = fixed_layout(WriteMulti)
+_WRITE_MULTI_ENTRY = fixed_layout(WriteMultiEntry)
+_FEATURE = fixed_layout(DeviceFeature)
+
+_REPLY = int(MsgType.REPLY)
+_ERROR_REPLY = int(MsgType.REPLY | MsgFlags.ERROR)
+_NO_REPLY = int(MsgFlags.NO_REPLY)
+_TYPE_MASK = int(MsgFlags.TYPE_MASK)
+
+
+class SessionState(enum.Enum):
+    """Where a session is in its life."""
+
+    NEGOTIATING = "negotiating"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+@dataclass
+class ServerCapabilities:
+    """What the server advertises in its VERSION reply."""
+
+    max_msg_fds: int = 16
+    max_data_xfer_size: int = 1 << 20
+    pgsizes: int = 4096
+    max_dma_maps: int = 65535
+    write_multiple: bool = True
+
+    def json_candidates(self) -> list[str]:
+        """Compact JSON texts, most complete first; the reply uses the first that fits."""
+        full = {
+            "max_msg_fds": self.max_msg_fds,
+            "max_data_xfer_size": self.max_data_xfer_size,
+            "pgsizes": self.pgsizes,
+            "max_dma_maps": self.max_dma_maps,
+            "write_multiple": self.write_multiple,
+        }
+        order = ["max_dma_maps", "pgsizes", "write_multiple", "max_msg_fds", "max_data_xfer_size"]
+        out = []
+        caps = dict(full)
+        out.append(json.dumps({"capabilities": caps}, separators=(",", ":")))
+        for key in order:
+            caps.pop(key)
+            out.append(json.dumps({"capabilities": caps}, separators=(",", ":")))
+        return out
+
+
+@dataclass
+class ClientCapabilities:
+    """What the client announced in its VERSION request (defaults when absent)."""
+
+    max_msg_fds: int = 1
+    max_data_xfer_size: int = 1 << 20
+    pgsizes: int = 4096
+    max_dma_maps: int = 65535
+    write_multiple: bool = False
+    migration: dict = field(default_factory=dict)
+    other: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> ClientCapabilities:
+        """Validate and read the JSON of a VERSION request; :class:`NegotiationError` if malformed."""
+        caps = cls()
+        if text is None:
+            return caps
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise NegotiationError(f"VERSION JSON does not parse: {exc}") from None
+        if not isinstance(doc, dict):
+            raise NegotiationError("VERSION JSON is not an object")
+        body = doc.get("capabilities", {})
+        if not isinstance(body, dict):
+            raise NegotiationError("VERSION 'capabilities' is not an object")
+
+        def uint(key: str, low: int, high: int) -> None:
+            if key in body:
+                value = body[key]
+                if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                    raise NegotiationError(f"VERSION capability {key}={value!r} is not an integer in [{low}, {high}]")
+                setattr(caps, key, value)
+
+        uint("max_msg_fds", 0, 1024)
+        uint("max_data_xfer_size", 1, 1 << 32)
+        uint("pgsizes", 1, (1 << 64) - 1)
+        uint("max_dma_maps", 0, 1 << 32)
+        if "write_multiple" in body:
+            if not isinstance(body["write_multiple"], bool):
+                raise NegotiationError("VERSION capability write_multiple is not a boolean")
+            caps.write_multiple = body["write_multiple"]
+        if "migration" in body:
+            if not isinstance(body["migration"], dict):
+                raise NegotiationError("VERSION capability migration is not an object")
+            caps.migration = body["migration"]
+        known = {"max_msg_fds", "max_data_xfer_size", "pgsizes", "max_dma_maps", "write_multiple", "migration"}
+        caps.other = {k: v for k, v in body.items() if k not in known}
+        return caps
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+class Session:
+    """Serves one client connection for a :class:`DeviceEndpoint`.
+
+    ``watch(fd, callback)`` / ``unwatch(fd)`` let the session ask the server
+    loop to poll extra fds (the INTx resample eventfd).
+    """
+
+    def __init__(
+        self,
+        sock,
+        endpoint: DeviceEndpoint,
+        *,
+        name: str = "session",
+        caps: ServerCapabilities | None = None,
+        tracer=None,
+        watch=None,
+        unwatch=None,
+    ) -> None:
+        self.name = name
+        self.log = log.getChild(name)
+        self.endpoint = endpoint
+        self.model = endpoint.model
+        self.caps = caps or ServerCapabilities()
+        self.client_caps = ClientCapabilities()
+        self.state = SessionState.NEGOTIATING
+        # A client may send up to max_data_xfer_size of data, plus headers (WRITE_MULTI is smaller).
+        self.transport = Transport(sock, max_msg_size=self.caps.max_data_xfer_size + 4096, name=name)
+        self.tracer = tracer
+        self._watch = watch or (lambda fd, cb: None)
+        self._unwatch = unwatch or (lambda fd: None)
+        self.irqs = IrqState(
+            endpoint.irq_counts,
+            watch=lambda fd: self._watch(fd, self.irqs.resampled),
+            unwatch=lambda fd: self._unwatch(fd),
+            intx_level=endpoint.intx_level,
+        )
+        self.irqs.log = self.log
+        self.dma = DmaMappings(self.caps.max_dma_maps)
+        self._out: list = []
+        self._verbose = self.log.isEnabledFor(logging.DEBUG)
+        self._handlers = {
+            Command.VERSION: self._version,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_GET_INFO: self._get_info,
+            Command.DEVICE_GET_REGION_INFO: self._get_region_info,
+            Command.DEVICE_GET_REGION_IO_FDS: self._get_region_io_fds,
+            Command.DEVICE_GET_IRQ_INFO: self._get_irq_info,
+            Command.DEVICE_SET_IRQS: self._set_irqs,
+            Command.REGION_READ: self._region_read,
+            Command.REGION_WRITE: self._region_write,
+            Command.DEVICE_RESET: self._reset,
+            Command.REGION_WRITE_MULTI: self._region_write_multi,
+            Command.DEVICE_FEATURE: self._device_feature,
+            Command.MIG_DATA_READ: self._migration,
+            Command.MIG_DATA_WRITE: self._migration,
+        }
+        endpoint.connect_irqs(self.irqs)
+
+    # -- event loop entry points ---------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.transport.fileno()
+
+    def on_readable(self) -> bool:
+        """Process everything that arrived. Returns False when the session is over."""
+        if self.state is SessionState.CLOSED:
+            return False
+        try:
+            frames = self.transport.receive()
+        except ConnectionClosed as exc:
+            self.log.info("client disconnected (%s)", exc)
+            self.state = SessionState.CLOSED
+            return False
+        except FramingError as exc:
+            self.log.error("unframeable input, dropping the connection: %s", exc)
+            if exc.raw and len(exc.raw) >= HEADER_SIZE:
+                msg_id, cmd, _, flags, _ = HEADER.unpack_from(exc.raw)
+                if flags & _TYPE_MASK == MsgType.COMMAND and not flags & _NO_REPLY:
+                    self._queue_error(msg_id, cmd, exc.errno)
+            self._flush()
+            self.state = SessionState.CLOSED
+            return False
+        try:
+            for frame in frames:
+                self._dispatch(frame)
+            self._flush()
+        except ConnectionClosed as exc:
+            self.log.info("client disconnected while we replied (%s)", exc)
+            self.state = SessionState.CLOSED
+        return self.state is not SessionState.CLOSED
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
+        if self.tracer is not None and payload is not None:
+            self.tracer.record("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
+        if self._verbose:
+            self.log.debug("<<< %s", describe(cmd, flags, payload if payload is not None else b"",
+                                              msg_id=msg_id, nfds=len(fds)))
+        mtype = flags & _TYPE_MASK
+        if mtype == MsgType.REPLY:
+            self.log.warning("unexpected reply %s #%d (no request of ours is waiting); dropped",
+                             command_name(cmd), msg_id)
+            _close_all(fds)
+            return
+        no_reply = flags & _NO_REPLY
+        try:
+            if mtype != MsgType.COMMAND:
+                raise MalformedMessage(f"unknown message type {mtype} in flags {flags:#x}")
+            if payload is None:
+                raise MessageTooLarge(f"{msg_size}-byte message exceeds the {self.transport.max_msg_size}-byte limit")
+            if self.state is SessionState.NEGOTIATING and cmd != Command.VERSION:
+                raise NegotiationError(f"{command_name(cmd)} before VERSION", raw=bytes(payload[:64]))
+            handler = self._handlers.get(cmd)
+            if handler is None:
+                if cmd in (Command.DMA_READ, Command.DMA_WRITE):
+                    raise MalformedMessage(f"{command_name(cmd)} is a server-to-client command")
+                raise UnknownCommand(f"unknown command {cmd}")
+            reply = handler(msg_id, flags, payload, fds)
+        except ProtocolError as exc:
+            self.log.warning("%s #%d rejected (%s): %s", command_name(cmd), msg_id,
+                             errno.errorcode.get(exc.errno, exc.errno), exc)
+            if not no_reply:
+                self._queue_error(msg_id, cmd, exc.errno)
+            if isinstance(exc, NegotiationError):
+                self.state = SessionState.CLOSED
+            return
+        except RegionAccessError as exc:
+            self.log.warning("%s #%d rejected: %s", command_name(cmd), msg_id, exc)
+            if not no_reply:
+                self._queue_error(msg_id, cmd, errno.EINVAL)
+            return
+        except Exception:
+            self.log.exception("device model failed on %s #%d", command_name(cmd), msg_id)
+            if not no_reply:
+                self._queue_error(msg_id, cmd, errno.EIO)
+            return
+        finally:
+            if fds:
+                self.log.debug("closing %d fd(s) %s #%d did not use", len(fds), command_name(cmd), msg_id)
+                _close_all(fds)
+        if not no_reply:
+            parts, reply_fds = reply if isinstance(reply, tuple) else (reply, ())
+            self._queue_reply(msg_id, cmd, parts, reply_fds)
+
+    # -- replies -------------------------------------------------------------------
+
+    def _queue_reply(self, msg_id: int, cmd: int, parts, fds=()) -> None:
+        if parts is None:
+            parts = []
+        elif not isinstance(parts, list):
+            parts = [parts]
+        size = HEADER_SIZE + sum(len(p) for p in parts)
+        header = HEADER.pack(msg_id, cmd, size, _REPLY, 0)
+        if self._verbose or self.tracer is not None:
+            payload = b"".join(bytes(p) for p in parts)
+            if self._verbose:
+                self.log.debug(">>> %s", describe(cmd, _REPLY, payload, msg_id=msg_id, nfds=len(fds)))
+            if self.tracer is not None:
+                self.tracer.record("out", header + payload, len(fds))
+        if fds:
+            self._flush()
+            self.transport.send([header, *parts], fds)
+        else:
+            self._out.append(header)
+            self._out.extend(parts)
+
+    def _queue_error(self, msg_id: int, cmd: int, err: int) -> None:
+        header = HEADER.pack(msg_id, cmd, HEADER_SIZE, _ERROR_REPLY, err)
+        if self._verbose:
+            self.log.debug(">>> %s #%d reply ERROR %s", command_name(cmd), msg_id, errno.errorcode.get(err, err))
+        if self.tracer is not None:
+            self.tracer.record("out", header, 0)
+        self._out.append(header)
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            self.transport.send(out)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _fixed(payload, layout, name: str, *, argsz: bool = True) -> tuple:
+        """Unpack the fixed part of a payload; check its length and ``argsz``."""
+        if len(payload) < layout.size:
+            raise MalformedMessage(f"{name} payload is {len(payload)} bytes, needs {layout.size}", raw=bytes(payload))
+        fields = layout.unpack_from(payload)
+        if argsz and fields[0] < layout.size:
+            raise MalformedMessage(f"{name} argsz {fields[0]} is smaller than {layout.size}", raw=bytes(payload))
+        return fields
+
+    @staticmethod
+    def _no_fds(fds: list[int], name: str) -> None:
+        if fds:
+            raise MalformedMessage(f"{name} carries {len(fds)} unexpected fd(s)")
+
+    def _check_region(self, region: int, offset: int, count: int, name: str, write: bool) -> None:
+        sizes = self.endpoint.region_sizes
+        if region >= len(sizes):
+            raise BadRegionAccess(f"{name}: region {region} does not exist ({len(sizes)} regions)")
+        if count == 0:
+            raise BadRegionAccess(f"{name}: zero-byte access")
+        if count > self.caps.max_data_xfer_size:
+            raise BadRegionAccess(f"{name}: {count} bytes exceeds max_data_xfer_size", errno=errno.E2BIG)
+        size = sizes[region]
+        if offset + count > size:
+            raise BadRegionAccess(f"{name}: [{offset:#x}, +{count:#x}) outside region {region} ({size:#x} bytes)")
+        if write and not self.endpoint.region_writable[region]:
+            raise BadRegionAccess(f"{name}: region {region} is read-only", errno=errno.EACCES)
+
+    # -- VERSION ---------------------------------------------------------------------
+
+    def _version(self, msg_id, flags, payload, fds):
+        if self.state is not SessionState.NEGOTIATING:
+            raise MalformedMessage("VERSION was already negotiated")
+        if fds:
+            raise NegotiationError(f"VERSION carries {len(fds)} fd(s)")
+        if len(payload) < 4:
+            raise NegotiationError(f"VERSION payload is {len(payload)} bytes, needs 4", raw=bytes(payload))
+        try:
+            req = Version.parse(bytes(payload))
+        except Exception as exc:
+            raise NegotiationError(f"VERSION does not parse: {exc}", raw=bytes(payload)) from None
+        if req.major != 0:
+            raise NegotiationError(f"protocol major version {req.major} is not supported (only 0)")
+        self.client_caps = ClientCapabilities.from_json(req.json)
+        if self.client_caps.other:
+            self.log.debug("ignoring unknown client capabilities %s", sorted(self.client_caps.other))
+        limit = HEADER_SIZE + len(payload)  # QEMU reads the reply into its request buffer
+        reply = Version.build(dict(major=0, minor=0, json=None))
+        for text in self.caps.json_candidates():
+            candidate = Version.build(dict(major=0, minor=0, json=text))
+            if HEADER_SIZE + len(candidate) <= limit:
+                reply = candidate
+                break
+        self.state = SessionState.RUNNING
+        self.log.info("negotiated protocol 0.%d with client capabilities %s", req.minor,
+                      json.dumps(json.loads(req.json)) if req.json else "{}")
+        return reply
+
+    # -- device information ------------------------------------------------------------
+
+    def _get_info(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DEVICE_GET_INFO")
+        self._fixed(payload, _DEVICE_INFO, "DEVICE_GET_INFO")
+        dev_flags = int(DeviceFlags.PCI | DeviceFlags.RESET)
+        return _DEVICE_INFO.pack(_DEVICE_INFO.size, dev_flags, self.endpoint.num_regions, self.endpoint.num_irqs)
+
+    def _get_region_info(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DEVICE_GET_REGION_INFO")
+        argsz, _, index, _, _, _ = self._fixed(payload, _REGION_INFO, "DEVICE_GET_REGION_INFO")
+        if index >= self.endpoint.num_regions:
+            raise BadRegionAccess(f"region index {index} out of range ({self.endpoint.num_regions} regions)")
+        region = self.endpoint.regions[index]
+        caps_blob, cap_offset = build_region_caps([])
+        needed = REGION_INFO_SIZE + len(caps_blob)
+        if argsz < needed:
+            # Too small for the capabilities: report the size needed, without them.
+            return _REGION_INFO.pack(needed, region.flags, index, 0, region.size, 0)
+        return _REGION_INFO.pack(needed, region.flags, index, cap_offset, region.size, 0) + caps_blob
+
+    def _get_region_io_fds(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DEVICE_GET_REGION_IO_FDS")
+        argsz, _, index, _ = self._fixed(payload, _IO_FDS, "DEVICE_GET_REGION_IO_FDS")
+        if index >= self.endpoint.num_regions or not self.endpoint.region_sizes[index]:
+            raise BadRegionAccess(f"region index {index} does not exist")
+        # No ioeventfd/ioregionfd offload: every access comes as a message.
+        return _IO_FDS.pack(_IO_FDS.size, 0, index, 0)
+
+    def _get_irq_info(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DEVICE_GET_IRQ_INFO")
+        _, _, index, _ = self._fixed(payload, _IRQ_INFO, "DEVICE_GET_IRQ_INFO")
+        info_flags, count = self.irqs.info(index)
+        return _IRQ_INFO.pack(_IRQ_INFO.size, info_flags, index, count)
+
+    # -- interrupts ----------------------------------------------------------------------
+
+    def _set_irqs(self, msg_id, flags, payload, fds):
+        argsz, irq_flags, index, start, count = self._fixed(payload, _IRQ_SET, "DEVICE_SET_IRQS")
+        if argsz > len(payload):
+            raise BadIrqRequest(f"DEVICE_SET_IRQS argsz {argsz} exceeds the {len(payload)}-byte payload")
+        data = bytes(payload[_IRQ_SET.size : argsz])
+        self.irqs.set_irqs(irq_flags, index, start, count, data, fds)
+
+    # -- region access -------------------------------------------------------------------
+
+    def _region_read(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "REGION_READ")
+        if len(payload) != REGION_ACCESS.size:
+            raise MalformedMessage(f"REGION_READ payload is {len(payload)} bytes, needs 16", raw=bytes(payload))
+        offset, region, count = REGION_ACCESS.unpack_from(payload)
+        self._check_region(region, offset, count, "REGION_READ", False)
+        out = bytearray(REGION_ACCESS.size + count)
+        REGION_ACCESS.pack_into(out, 0, offset, region, count)
+        self.model.region_read(region, offset, memoryview(out)[REGION_ACCESS.size :])
+        return out
+
+    def _region_write(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "REGION_WRITE")
+        if len(payload) < REGION_ACCESS.size:
+            raise MalformedMessage(f"REGION_WRITE payload is {len(payload)} bytes, needs 16+", raw=bytes(payload))
+        offset, region, count = REGION_ACCESS.unpack_from(payload)
+        if len(payload) - REGION_ACCESS.size != count:
+            raise MalformedMessage(
+                f"REGION_WRITE count {count} but {len(payload) - REGION_ACCESS.size} data bytes", raw=bytes(payload)
+            )
+        self._check_region(region, offset, count, "REGION_WRITE", True)
+        self.model.region_write(region, offset, bytes(payload[REGION_ACCESS.size :]))
+        return REGION_ACCESS.pack(offset, region, count)
+
+    def _region_write_multi(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "REGION_WRITE_MULTI")
+        (wr_cnt,) = self._fixed(payload, _WRITE_MULTI_COUNT, "REGION_WRITE_MULTI", argsz=False)
+        if not 0 < wr_cnt <= MAX_WRITE_MULTI:
+            raise MalformedMessage(f"REGION_WRITE_MULTI wr_cnt {wr_cnt} not in 1..{MAX_WRITE_MULTI}")
+        expected = _WRITE_MULTI_COUNT.size + wr_cnt * _WRITE_MULTI_ENTRY.size
+        if len(payload) != expected:
+            raise MalformedMessage(f"REGION_WRITE_MULTI of {wr_cnt} writes is {len(payload)} bytes, not {expected}")
+        writes = list(_WRITE_MULTI_ENTRY.iter_unpack(payload[_WRITE_MULTI_COUNT.size :]))
+        for offset, region, count, _ in writes:  # all or nothing: check every write first
+            if count > MULTI_WRITE_MAX_DATA:
+                raise MalformedMessage(f"REGION_WRITE_MULTI write of {count} bytes (max 8)")
+            self._check_region(region, offset, count, "REGION_WRITE_MULTI", True)
+        for offset, region, count, data in writes:
+            self.model.region_write(region, offset, data[:count])
+        return _WRITE_MULTI_COUNT.pack(wr_cnt)
+
+    # -- DMA -----------------------------------------------------------------------------
+
+    def _dma_map(self, msg_id, flags, payload, fds):
+        _, map_flags, offset, addr, size = self._fixed(payload, _DMA_MAP, "DMA_MAP")
+        if len(fds) > 1:
+            raise BadDmaRequest(f"DMA_MAP carries {len(fds)} fds (at most 1)")
+        fd = fds.pop() if fds else None
+        self.dma.add(addr, size, map_flags, fd, offset)
+
+    def _dma_unmap(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DMA_UNMAP")
+        _, unmap_flags, addr, size = self._fixed(payload, _DMA_UNMAP, "DMA_UNMAP")
+        if unmap_flags & DmaUnmapFlags.GET_DIRTY_BITMAP:
+            raise UnsupportedCommand("DMA_UNMAP with GET_DIRTY_BITMAP: dirty tracking is not supported")
+        if unmap_flags & ~int(DmaUnmapFlags.ALL):
+            raise BadDmaRequest(f"unknown DMA_UNMAP flag bits {unmap_flags:#x}")
+        if unmap_flags & DmaUnmapFlags.ALL:
+            if addr or size:
+                raise BadDmaRequest("DMA_UNMAP ALL needs addr and size 0")
+            self.dma.remove_all()
+        else:
+            self.dma.remove(addr, size)
+        return bytes(payload[: _DMA_UNMAP.size])
+
+    # -- reset, features, migration ------------------------------------------------------------
+
+    def _reset(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DEVICE_RESET")
+        if len(payload):
+            raise MalformedMessage(f"DEVICE_RESET carries {len(payload)} payload bytes", raw=bytes(payload))
+        self.log.info("device reset")
+        self.model.device_reset()
+
+    def _device_feature(self, msg_id, flags, payload, fds):
+        self._no_fds(fds, "DEVICE_FEATURE")
+        _, feature_flags = self._fixed(payload, _FEATURE, "DEVICE_FEATURE")
+        ops = feature_flags & (FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE)
+        if not ops or feature_flags & ~(FeatureFlags.MASK | ops):
+            raise MalformedMessage(f"DEVICE_FEATURE flags {feature_flags:#x}: need GET, SET or PROBE")
+        if (ops & FeatureFlags.GET) and (ops & FeatureFlags.SET):
+            raise MalformedMessage("DEVICE_FEATURE cannot GET and SET at once")
+        raise UnsupportedCommand(f"device feature {feature_flags & FeatureFlags.MASK} is not supported")
+
+    def _migration(self, msg_id, flags, payload, fds):
+        raise UnsupportedCommand("migration data needs a migration state; live migration is not supported")
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release everything the client gave us: eventfds, DMA mappings, the socket."""
+        self.state = SessionState.CLOSED
+        self.endpoint.disconnect_irqs(self.irqs)
+        self.irqs.close()
+        self.dma.close()
+        self.transport.close()

@@ -1,0 +1,242 @@
+"""Message framing over an AF_UNIX stream socket, with file descriptors.
+
+:class:`Transport` turns the byte stream into whole messages (header, payload
+and the fds that came with them) and sends messages, fds attached, back.
+
+Receiving reads as much as the socket holds in one ``recvmsg`` and returns
+every complete message in it, so a burst of pipelined requests costs one
+system call. File descriptors (SCM_RIGHTS) must then be matched to the right
+message. Linux hands out at most one fd-carrying send per ``recvmsg``, and
+that send is the last one whose bytes the call returns; a vfio-user peer sends
+each message, fds attached, in one ``sendmsg``. So the fds of a receive belong
+to the **last message that starts in the bytes of that receive**. Fds that do
+not fit that rule (a peer sending fds mid-message) are closed and logged.
+
+A header whose ``msg_size`` is below 16 cannot be framed: :class:`FramingError`
+(the caller answers and drops the connection). A message larger than
+``max_msg_size`` is skipped without being buffered and reported as an
+*oversized* frame (its payload is ``None``), so the caller can answer it with
+an error and go on.
+
+Every fd the transport received and did not hand over in a frame is closed by
+:meth:`Transport.close`; fds in frames belong to the caller.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import select
+import socket
+from collections import deque
+from typing import NamedTuple
+
+from .errors import ConnectionClosed, FramingError
+from .protocol import HEADER, HEADER_SIZE
+
+__all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE"]
+
+log = logging.getLogger(__name__)
+
+#: Most fds accepted in one receive (the kernel's SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+_MIN_CHUNK = 64 * 1024
+_SEND_TIMEOUT = 10.0
+
+
+class Frame(NamedTuple):
+    """One received message. ``payload`` is ``None`` for an oversized, skipped message;
+    otherwise a memoryview valid until the next :meth:`Transport.receive`."""
+
+    msg_id: int
+    cmd: int
+    msg_size: int
+    flags: int
+    error_no: int
+    payload: memoryview | None
+    fds: list[int]
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Transport:
+    """Framing and fd passing on a connected AF_UNIX stream socket (made non-blocking)."""
+
+    def __init__(self, sock: socket.socket, *, max_msg_size: int = (1 << 20) + 4096, name: str = "") -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.max_msg_size = max_msg_size
+        self.log = log.getChild(name) if name else log
+        self._buf = bytearray(_MIN_CHUNK)
+        self._start = 0  # first byte of the message being assembled
+        self._end = 0  # end of the received bytes
+        self._base = 0  # stream offset of _buf[0]
+        self._discard = 0  # bytes still to skip of an oversized message
+        # (first stream offset, end stream offset, fds) of receives that carried fds
+        self._fd_chunks: deque[tuple[int, int, list[int]]] = deque()
+        self.closed = False
+
+    # -- receiving ---------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[Frame]:
+        """Read what is available (without blocking) and return the complete messages.
+
+        Returns ``[]`` when nothing complete is there yet. Raises
+        :class:`ConnectionClosed` at end of stream and :class:`FramingError`
+        when the stream cannot be framed.
+        """
+        self._make_room()
+        view = memoryview(self._buf)[self._end :]
+        try:
+            n, ancdata, msg_flags, _ = self.sock.recvmsg_into([view], _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            raise ConnectionClosed(f"receive failed: {exc}") from exc
+        finally:
+            view.release()
+        fds = self._collect_fds(ancdata)
+        if msg_flags & socket.MSG_CTRUNC:
+            self.log.error("control data truncated: the peer sent more fds than %d; closing them", MAX_FDS_PER_MESSAGE)
+            _close_fds(fds)
+            fds = []
+        if n == 0:
+            _close_fds(fds)
+            raise ConnectionClosed("peer closed the connection")
+        chunk_start = self._base + self._end
+        self._end += n
+        if fds:
+            self._fd_chunks.append((chunk_start, chunk_start + n, fds))
+        return self._frames()
+
+    @staticmethod
+    def _collect_fds(ancdata) -> list[int]:
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+                fds.extend(arr)
+        return fds
+
+    def _make_room(self) -> None:
+        """Move the partial message to the front and make sure there is space to read into."""
+        if self._start == self._end:
+            self._base += self._start
+            self._start = self._end = 0
+        elif self._start > 0 and len(self._buf) - self._end < _MIN_CHUNK:
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._base += self._start
+            self._start, self._end = 0, pending
+        need = _MIN_CHUNK
+        if self._end - self._start >= HEADER_SIZE:
+            size = HEADER.unpack_from(self._buf, self._start)[2]
+            if HEADER_SIZE <= size <= self.max_msg_size:
+                need = max(need, size - (self._end - self._start))
+        if len(self._buf) - self._end < need:
+            new = bytearray(self._end + need)
+            new[: self._end] = self._buf[: self._end]
+            self._buf = new
+
+    def _frames(self) -> list[Frame]:
+        frames: list[Frame] = []
+        buf = self._buf
+        if self._discard:
+            skip = min(self._discard, self._end - self._start)
+            self._discard -= skip
+            self._start += skip
+        while self._end - self._start >= HEADER_SIZE:
+            start = self._start
+            msg_id, cmd, size, flags, error_no = HEADER.unpack_from(buf, start)
+            if size < HEADER_SIZE:
+                raise FramingError(f"msg_size {size} is smaller than the header", raw=bytes(buf[start : start + 16]))
+            stream_start = self._base + start
+            fds = self._fds_for(stream_start, size)
+            if size > self.max_msg_size:
+                available = self._end - start
+                skip = min(size, available)
+                self._discard = size - skip
+                self._start += skip
+                frames.append(Frame(msg_id, cmd, size, flags, error_no, None, fds))
+                continue
+            if self._end - start < size:
+                if fds:  # not complete yet: keep its fds for next time
+                    self._fd_chunks.appendleft((stream_start, stream_start + 1, fds))
+                break
+            payload = memoryview(buf)[start + HEADER_SIZE : start + size]
+            self._start = start + size
+            frames.append(Frame(msg_id, cmd, size, flags, error_no, payload, fds))
+        return frames
+
+    def _fds_for(self, stream_start: int, size: int) -> list[int]:
+        """The fds that belong to the message starting at ``stream_start``."""
+        got: list[int] = []
+        chunks = self._fd_chunks
+        while chunks:
+            c0, c1, fds = chunks[0]
+            if stream_start >= c1:
+                # No message started in that receive: fds sent in the middle of a message.
+                chunks.popleft()
+                self.log.error("%d fd(s) arrived without a message start; closing them", len(fds))
+                _close_fds(fds)
+                continue
+            if c0 <= stream_start and stream_start + size >= c1:
+                chunks.popleft()
+                got.extend(fds)
+                continue
+            break
+        return got
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, buffers, fds=()) -> None:
+        """Send ``buffers`` (a bytes-like object or a list of them) in order; ``fds``
+        travel with the first byte. Blocks (up to 10 s) while the socket is full."""
+        if isinstance(buffers, (bytes, bytearray, memoryview)):
+            buffers = [buffers]
+        views = [memoryview(b).cast("B") for b in buffers]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while views:
+            try:
+                sent = self.sock.sendmsg(views, anc)
+            except (BlockingIOError, InterruptedError):
+                _, writable, _ = select.select([], [self.sock], [], _SEND_TIMEOUT)
+                if not writable:
+                    raise ConnectionClosed("peer stopped reading (send timed out)") from None
+                continue
+            except OSError as exc:
+                raise ConnectionClosed(f"send failed: {exc}") from exc
+            anc = []
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    # -- teardown ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket and every received fd not handed over in a frame."""
+        if self.closed:
+            return
+        self.closed = True
+        while self._fd_chunks:
+            _close_fds(self._fd_chunks.popleft()[2])
+        try:
+            self.sock.close()
+        except OSError:
+            pass
