@@ -90,7 +90,7 @@ class DmaMappings:
     def add(self, addr: int, size: int, flags: int, fd: int | None = None, offset: int = 0) -> DmaRegion:
         """Map ``[addr, addr+size)``. Takes ownership of ``fd`` (it is closed here)."""
         try:
-            if flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE):
+            if flags & ~int(DmaMapFlags.READ | DmaMapFlags.WRITE):
                 raise BadDmaRequest(f"unknown DMA_MAP flag bits {flags:#x}")
             if size == 0 or addr + size > 1 << 64:
                 raise BadDmaRequest(f"invalid DMA range [{addr:#x}, +{size:#x})")

@@ -97,7 +97,7 @@ class IrqState:
         :class:`BadIrqRequest` (leaving ``fds`` for the caller to close) if invalid."""
         dtype = flags & IrqSetFlags.DATA_TYPE_MASK
         action = flags & IrqSetFlags.ACTION_TYPE_MASK
-        if flags & ~(IrqSetFlags.DATA_TYPE_MASK | IrqSetFlags.ACTION_TYPE_MASK):
+        if flags & ~int(IrqSetFlags.DATA_TYPE_MASK | IrqSetFlags.ACTION_TYPE_MASK):
             raise BadIrqRequest(f"unknown SET_IRQS flag bits {flags:#x}")
         if bin(dtype).count("1") != 1:
             raise BadIrqRequest(f"SET_IRQS needs exactly one data type, flags={flags:#x}")

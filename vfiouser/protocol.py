@@ -293,7 +293,7 @@ DmaMap = Struct(
     "size" / Int64ul,
 )
 
-#: DMA_UNMAP request (and, optionally, its reply).
+#: DMA_UNMAP request, and its reply (the request echoed).
 DmaUnmap = Struct(
     "argsz" / Int32ul,
     "flags" / Int32ul,
@@ -466,7 +466,7 @@ MESSAGES: dict[Command, MessageSpec] = {
     for spec in (
         MessageSpec(Command.VERSION, Version, Version, "c2s"),
         MessageSpec(Command.DMA_MAP, DmaMap, Empty, "c2s"),
-        MessageSpec(Command.DMA_UNMAP, DmaUnmap, Empty, "c2s"),
+        MessageSpec(Command.DMA_UNMAP, DmaUnmap, DmaUnmap, "c2s"),
         MessageSpec(Command.DEVICE_GET_INFO, DeviceInfo, DeviceInfo, "c2s"),
         MessageSpec(Command.DEVICE_GET_REGION_INFO, RegionInfo, RegionInfoReply, "c2s"),
         MessageSpec(Command.DEVICE_GET_REGION_IO_FDS, IoFdsRequest, IoFdsReply, "c2s"),

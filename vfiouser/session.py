@@ -565,8 +565,8 @@ class Session:
     def _device_feature(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_FEATURE")
         _, feature_flags = self._fixed(payload, _FEATURE, "DEVICE_FEATURE")
-        ops = feature_flags & (FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE)
-        if not ops or feature_flags & ~(FeatureFlags.MASK | ops):
+        ops = feature_flags & int(FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE)
+        if not ops or feature_flags & ~(int(FeatureFlags.MASK) | ops):
             raise MalformedMessage(f"DEVICE_FEATURE flags {feature_flags:#x}: need GET, SET or PROBE")
         if (ops & FeatureFlags.GET) and (ops & FeatureFlags.SET):
             raise MalformedMessage("DEVICE_FEATURE cannot GET and SET at once")

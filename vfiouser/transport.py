@@ -206,7 +206,7 @@ class Transport:
         travel with the first byte. Blocks (up to 10 s) while the socket is full."""
         if isinstance(buffers, (bytes, bytearray, memoryview)):
             buffers = [buffers]
-        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         while views:
             try:

@@ -1,0 +1,189 @@
+"""Against the real QEMU (qtest accelerator, no guest): what a driver and firmware would see.
+
+The device sits at 00:04.0 of a q35 machine. Its INTA is routed to GSI 20,
+which the tests watch with ``irq_intercept_in ioapic``. QEMU lowers the line
+and unmasks INTx on every BAR access after an interrupt (its INTx "EOI"), so a
+still-pending interrupt shows up as lower-then-raise.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from devices.idio16 import Idio16
+from vfiouser.qemu import QtestMachine
+
+from .probe import ROM_DATA, ProbeDevice
+
+pytestmark = pytest.mark.qemu
+
+SLOT = 4
+GSI = 20
+IO_BASE = 0xC000
+MMIO_BASE = 0xE000_0000
+
+
+def machine(qemu, server, **kwargs):
+    return QtestMachine([server.qemu_device_json(addr=f"{SLOT:02x}.0")], qemu=qemu, **kwargs)
+
+
+def program_idio16(vm):
+    """What firmware and pcim_enable_device do: place BAR2, enable I/O decoding."""
+    vm.pci_cfg_write(SLOT, 0x18, IO_BASE)
+    vm.pci_cfg_write(SLOT, 0x04, 0x0001, 2)
+
+
+# ------------------------------------------------------------------ idio16
+
+
+def test_idio16_enumerates_and_gpio_works(qemu_binary, serve):
+    dev = Idio16()
+    server = serve(dev)
+    with machine(qemu_binary, server) as vm:
+        assert vm.pci_cfg_read(SLOT, 0x00, 2) == 0x494F
+        assert vm.pci_cfg_read(SLOT, 0x02, 2) == 0x0DC8
+        assert vm.pci_cfg_read(SLOT, 0x3D, 1) == 1  # INTA
+        assert vm.pci_bar_size(SLOT, 2) == (256, True)
+        assert vm.pci_bar_size(SLOT, 0) == (0, False)
+        program_idio16(vm)
+        # The driver's start-up: disable IRQ, deactivate filters.
+        vm.outb(IO_BASE + 2, 0)
+        vm.outb(IO_BASE + 3, 0)
+        assert not dev.filters_active
+        # gpio set: write the output registers, read them back.
+        vm.outb(IO_BASE + 0, 0x5A)
+        vm.outb(IO_BASE + 4, 0xC3)
+        assert dev.outputs == 0xC35A
+        assert vm.inb(IO_BASE + 0) == 0x5A and vm.inb(IO_BASE + 4) == 0xC3
+        # gpio get on inputs driven from the host side.
+        dev.set_inputs(0xBEEF)
+        assert vm.inb(IO_BASE + 1) == 0xEF and vm.inb(IO_BASE + 5) == 0xBE
+        # Ports the board does not decode read all-ones.
+        assert vm.inb(IO_BASE + 0x80) == 0xFF
+
+
+def test_idio16_input_change_interrupts_through_intx(qemu_binary, serve):
+    dev = Idio16()
+    server = serve(dev)
+    with machine(qemu_binary, server) as vm:
+        program_idio16(vm)
+        vm.irq_intercept_in("ioapic")
+        vm.outb(IO_BASE + 1, 0)  # clear, then enable as regmap-irq does
+        vm.inb(IO_BASE + 2)
+        dev.set_input(12, True)
+        assert vm.wait_irq("raise", GSI), vm.irq_events
+        assert vm.inb(IO_BASE + 6) == 0b110  # group 1 changed, pending
+        assert vm.wait_irq("lower", GSI) and vm.wait_irq("raise", GSI)  # EOI while still pending: raised again
+        vm.outb(IO_BASE + 1, 0)  # clear interrupt
+        assert vm.wait_irq("lower", GSI)
+        assert not vm.wait_irq("raise", GSI, timeout=0.3)
+        vm.outb(IO_BASE + 2, 0)  # disable: no more interrupts
+        dev.set_input(12, False)
+        assert not vm.wait_irq("raise", GSI, timeout=0.3)
+
+
+def test_idio16_intx_disable_bit(qemu_binary, serve):
+    dev = Idio16()
+    server = serve(dev)
+    with machine(qemu_binary, server) as vm:
+        program_idio16(vm)
+        vm.irq_intercept_in("ioapic")
+        vm.pci_cfg_write(SLOT, 0x04, 0x0401, 2)  # I/O + INTx disable
+        vm.inb(IO_BASE + 2)
+        dev.set_input(0, True)
+        assert not vm.wait_irq("raise", GSI, timeout=0.3)
+        assert vm.pci_cfg_read(SLOT, 0x06, 2) & 0x8  # status shows the pending interrupt
+        vm.pci_cfg_write(SLOT, 0x04, 0x0001, 2)
+        assert vm.wait_irq("raise", GSI)
+
+
+def test_system_reset_reaches_the_model(qemu_binary, serve):
+    dev = Idio16()
+    server = serve(dev)
+    with machine(qemu_binary, server) as vm:
+        program_idio16(vm)
+        vm.outb(IO_BASE, 0xFF)
+        vm.inb(IO_BASE + 2)
+        assert dev.outputs == 0xFF and dev.irq_enabled
+        resets_before = server.session.model is dev and dev.config.get_word(0x04)
+        assert resets_before == 0x0001
+        vm.system_reset()
+        deadline = time.monotonic() + 5
+        while dev.outputs and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dev.outputs == 0 and not dev.irq_enabled
+        assert vm.pci_cfg_read(SLOT, 0x04, 2) == 0  # command register reset
+        program_idio16(vm)  # and the device works after the reset
+        vm.outb(IO_BASE + 4, 0x11)
+        assert dev.outputs == 0x1100
+
+
+def test_cli_server_survives_qemu_quitting_and_serves_the_next(qemu_binary, sockdir):
+    """The command-line server, two QEMUs one after the other (the issue's acceptance check)."""
+    path = os.path.join(sockdir, "idio16.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", path, "-v"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        device_arg = proc.stdout.readline().strip()
+        assert device_arg.startswith("-device '")
+        json_spec = device_arg[len("-device '") : -1]
+        for round_ in range(2):
+            with QtestMachine([json_spec.replace("}}", '},"addr":"04.0"}')], qemu=qemu_binary) as vm:
+                assert vm.pci_cfg_read(SLOT, 0x00) == 0x0DC8494F
+                assert vm.pci_bar_size(SLOT, 2) == (256, True)
+                program_idio16(vm)
+                vm.outb(IO_BASE, 0x10 + round_)
+                assert vm.inb(IO_BASE) == 0x10 + round_
+            assert proc.poll() is None, "the server died when QEMU quit"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and not os.path.exists(path)
+    assert err.count("connected") >= 2 and "client2 gone" in err
+    assert "DEVICE_RESET" in err
+
+
+# ------------------------------------------------------------------ framework layouts
+
+
+@pytest.mark.parametrize("memfd", [False, True], ids=["default-ram", "memfd-ram"])
+def test_probe_layouts_through_qemu(qemu_binary, serve, memfd):
+    """Memory BARs (posted writes), a 64-bit prefetchable BAR, an I/O BAR that shares a
+    handler, the ROM, and INTx raised by a register write."""
+    dev = ProbeDevice()
+    server = serve(dev)
+    with machine(qemu_binary, server, memfd=memfd) as vm:
+        assert vm.pci_cfg_read(SLOT, 0x00) == 0xBEEF1234
+        assert vm.pci_bar_size(SLOT, 0) == (0x1000, False)
+        assert vm.pci_cfg_read(SLOT, 0x20) & 0xF == 0xC  # 64-bit prefetchable
+        vm.pci_cfg_write(SLOT, 0x10, MMIO_BASE)
+        vm.pci_cfg_write(SLOT, 0x18, IO_BASE)
+        vm.pci_cfg_write(SLOT, 0x20, MMIO_BASE + 0x10_0000)
+        vm.pci_cfg_write(SLOT, 0x24, 0)
+        vm.pci_cfg_write(SLOT, 0x30, (MMIO_BASE + 0x20_0000) | 1)
+        vm.pci_cfg_write(SLOT, 0x04, 0x0007, 2)
+        vm.writel(MMIO_BASE, 0x11223344)  # posted
+        vm.writeq(MMIO_BASE + 8, 0x5566778899AABBCC)
+        assert vm.readl(MMIO_BASE) == 0x11223344 and vm.readq(MMIO_BASE + 8) == 0x5566778899AABBCC
+        assert dev.ram.mem[:4] == bytes.fromhex("44332211")
+        vm.outb(IO_BASE + 1, 0x99)  # same RAM through the I/O BAR
+        assert vm.readb(MMIO_BASE + 1) == 0x99
+        vm.writeq(MMIO_BASE + 0x10_0000 + 0x3FF8, 0x0102030405060708)  # posted...
+        assert vm.readq(MMIO_BASE + 0x10_0000 + 0x3FF8) == 0x0102030405060708  # ...a read orders it
+        assert dev.ram64.mem[0x3FF8:] == bytes(range(8, 0, -1))
+        assert bytes(vm.readb(MMIO_BASE + 0x20_0000 + i) for i in range(len(ROM_DATA))) == ROM_DATA
+        assert vm.readl(MMIO_BASE + 0x900) == 0xFFFFFFFF  # unclaimed part of BAR0
+        vm.irq_intercept_in("ioapic")
+        vm.writel(MMIO_BASE + 0x800, 1)
+        assert vm.wait_irq("raise", GSI)
+        vm.writel(MMIO_BASE + 0x800, 0)
+        assert vm.wait_irq("lower", GSI)
+        assert vm.readl(MMIO_BASE + 0x808) == 0xFFFFFFFF  # a model exception: EIO, guest reads all-ones
+        assert vm.readl(MMIO_BASE) == 0x11229944  # and the device goes on (byte 1 from the I/O BAR)
+        regions = server.session.dma
+        has_fd_map = any(r.mem is not None for r in regions)
+        assert has_fd_map == memfd  # guest RAM arrives with an fd only with a memfd backend
