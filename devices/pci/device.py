@@ -198,7 +198,7 @@ class PciDevice(DeviceIo):
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.log = logging.getLogger(f"{__name__}.{type(self).__name__}")
+        self.log = logging.getLogger(f"{type(self).__module__}.{type(self).__name__}")
         self.config = ConfigSpace(self.config_size)
         self.io = CowIoManager()
         self.bars: dict[int, Bar] = {}

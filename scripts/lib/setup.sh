@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# Shared set-up for scripts/test and scripts/demo: a virtual environment with
+# this package installed, and a QEMU with vfio-user-pci in $QEMU.
+#
+#   . scripts/lib/setup.sh; setup_venv; setup_qemu
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+VENV=${VFIOUSER_VENV:-$ROOT/.venv}
+
+say() { echo "==> $*" >&2; }
+
+find_python() {
+    for py in python3.13 python3.12 python3.11 python3; do
+        if command -v "$py" >/dev/null 2>&1 &&
+           "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$py"; return 0
+        fi
+    done
+    echo "vfiouser needs Python >= 3.11 (with venv); none found" >&2
+    return 1
+}
+
+setup_venv() {
+    local py stamp want
+    if [ ! -x "$VENV/bin/python" ]; then
+        py=$(find_python)
+        say "creating a virtual environment in $VENV ($("$py" --version))"
+        "$py" -m venv "$VENV"
+    fi
+    # Reinstall only when the packaging metadata changed (the install is editable).
+    stamp=$VENV/.vfiouser-installed
+    want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        say "installing vfiouser and its test dependencies"
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" 2>&1 |
+            grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis' ||
+            { echo "installing vfiouser failed" >&2; return 1; }
+        echo "$want" >"$stamp"
+    fi
+}
+
+setup_qemu() {
+    if [ -n "${QEMU:-}" ]; then
+        if "$QEMU" -device help 2>/dev/null | grep -q '"vfio-user-pci"'; then
+            say "using QEMU=$QEMU"; export QEMU; return 0
+        fi
+        echo "QEMU=$QEMU has no vfio-user-pci device (QEMU >= 10.1 needed)" >&2
+        return 1
+    fi
+    if command -v qemu-system-x86_64 >/dev/null 2>&1 &&
+       qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vfio-user-pci"'; then
+        QEMU=$(command -v qemu-system-x86_64)
+        say "using the system QEMU $QEMU"; export QEMU; return 0
+    fi
+    say "fetching QEMU with vfio-user-pci into a private prefix (scripts/get-qemu)"
+    if ! QEMU=$("$ROOT/scripts/get-qemu" --print-path); then
+        echo "could not obtain QEMU with vfio-user-pci (scripts/get-qemu failed); the real-QEMU tests need it" >&2
+        return 1
+    fi
+    export QEMU
+    say "using $("$QEMU" --version | head -1) at $QEMU"
+}
