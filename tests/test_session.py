@@ -193,6 +193,23 @@ def test_region_info_argsz_too_small_and_bad_index(client):
     alive(client)
 
 
+def test_region_info_too_small_for_its_capabilities(probe, client):
+    """QEMU asks with argsz 32; a region with capabilities answers with the size it needs, no caps
+    and no CAPS flag; asked again with that size, it sends them."""
+    from vfiouser.protocol import RegionCapId, RegionInfo, fixed_layout
+
+    _, server = probe
+    server.endpoint.region_caps[0] = [dict(id=RegionCapId.TYPE, version=1, body=dict(type=0x8086, subtype=7))]
+    layout = fixed_layout(RegionInfo)
+    reply = client.request(Command.DEVICE_GET_REGION_INFO, layout.pack(32, 0, 0, 0, 0, 0))
+    assert len(reply.payload) == 32
+    argsz, flags, index, cap_offset, size, _ = layout.unpack_from(reply.payload)
+    assert (argsz, flags & RegionFlags.CAPS, cap_offset, size) == (48, 0, 0, 0x1000)
+    info = client.get_region_info(0)  # the client re-asks with argsz 48
+    assert info.argsz == 48 and info.flags & RegionFlags.CAPS and info.cap_offset == 32
+    assert [(c.id, c.body.type, c.body.subtype) for c in info.caps] == [(RegionCapId.TYPE, 0x8086, 7)]
+
+
 def test_get_irq_info(client):
     assert client.get_irq_info(IrqIndex.INTX) == (
         IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED, 1)

@@ -45,6 +45,8 @@ class DeviceEndpoint:
                     flags |= RegionFlags.WRITE
             self.regions.append(RegionEntry(region.index, region.size, int(flags), region.kind))
         assert len(self.regions) == NUM_REGIONS
+        #: Region-info capabilities per region (dicts for ``protocol.RegionCap``), e.g. sparse mmap areas.
+        self.region_caps: list[list[dict]] = [[] for _ in self.regions]
         #: Region sizes by index, for the hot path's bounds checks.
         self.region_sizes = [r.size for r in self.regions]
         self.region_writable = [bool(r.flags & RegionFlags.WRITE) for r in self.regions]

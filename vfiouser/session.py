@@ -65,6 +65,7 @@ from .protocol import (
     IrqSet,
     MsgFlags,
     MsgType,
+    RegionFlags,
     RegionInfo,
     Version,
     WriteMulti,
@@ -456,12 +457,13 @@ class Session:
         if index >= self.endpoint.num_regions:
             raise BadRegionAccess(f"region index {index} out of range ({self.endpoint.num_regions} regions)")
         region = self.endpoint.regions[index]
-        caps_blob, cap_offset = build_region_caps([])
+        caps_blob, cap_offset = build_region_caps(self.endpoint.region_caps[index])
         needed = REGION_INFO_SIZE + len(caps_blob)
+        flags = region.flags | (RegionFlags.CAPS if caps_blob else 0)
         if argsz < needed:
-            # Too small for the capabilities: report the size needed, without them.
+            # Too small for the capabilities: say how much is needed, send none (the client re-asks).
             return _REGION_INFO.pack(needed, region.flags, index, 0, region.size, 0)
-        return _REGION_INFO.pack(needed, region.flags, index, cap_offset, region.size, 0) + caps_blob
+        return _REGION_INFO.pack(needed, flags, index, cap_offset, region.size, 0) + caps_blob
 
     def _get_region_io_fds(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_GET_REGION_IO_FDS")
