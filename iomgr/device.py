@@ -40,8 +40,10 @@ from .resources import DeviceResources
 __all__ = ["DeviceIo", "DeviceIoMut", "LockedDevice"]
 
 
-class DeviceIo:
-    """A device that handles trapped MMIO and PIO accesses (thread-safe itself)."""
+class _Handlers:
+    """The four access handlers and the resource queries, all no-ops by default."""
+
+    __slots__ = ()
 
     def read(self, base: int, offset: int, data: bytearray | memoryview) -> None:
         """MMIO read at ``base + offset`` of ``len(data)`` bytes into ``data``."""
@@ -64,32 +66,16 @@ class DeviceIo:
         return self.get_assigned_resources()
 
 
-class DeviceIoMut:
+class DeviceIo(_Handlers):
+    """A device that handles trapped MMIO and PIO accesses; it does its own locking."""
+
+
+class DeviceIoMut(_Handlers):
     """A device written as if it were called from one thread at a time.
 
     Same methods and defaults as :class:`DeviceIo`; wrap an instance in
     :class:`LockedDevice` to register it with an IoManager.
     """
-
-    def read(self, base: int, offset: int, data: bytearray | memoryview) -> None:
-        """MMIO read; see :meth:`DeviceIo.read`."""
-
-    def write(self, base: int, offset: int, data: bytes | memoryview) -> None:
-        """MMIO write; see :meth:`DeviceIo.write`."""
-
-    def pio_read(self, base: int, offset: int, data: bytearray | memoryview) -> None:
-        """Port read; see :meth:`DeviceIo.pio_read`."""
-
-    def pio_write(self, base: int, offset: int, data: bytes | memoryview) -> None:
-        """Port write; see :meth:`DeviceIo.pio_write`."""
-
-    def get_assigned_resources(self) -> DeviceResources:
-        """Every resource assigned to this device (default: none)."""
-        return DeviceResources()
-
-    def get_trapped_io_resources(self) -> DeviceResources:
-        """The PIO/MMIO ranges this device traps (default: its assigned resources)."""
-        return self.get_assigned_resources()
 
 
 class LockedDevice(DeviceIo):

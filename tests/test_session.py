@@ -18,6 +18,8 @@ from vfiouser.errors import ConnectionClosed, ErrorReply
 from vfiouser.protocol import (
     HEADER,
     REGION_ACCESS,
+    Layout,
+    RegionCapId,
     Command,
     DeviceFlags,
     IrqIndex,
@@ -80,9 +82,7 @@ def fired(fd, timeout=1.0) -> int:
 
 
 def set_irq_payload(flags, index, start, count, data=b"", argsz=None):
-    from vfiouser.protocol import IrqSet, fixed_layout
-
-    layout = fixed_layout(IrqSet)
+    layout = Layout.IRQ_SET
     return layout.pack(argsz if argsz is not None else 20 + len(data), flags, index, start, count) + data
 
 
@@ -184,9 +184,7 @@ def test_get_region_info(client):
 
 
 def test_region_info_argsz_too_small_and_bad_index(client):
-    from vfiouser.protocol import RegionInfo, fixed_layout
-
-    layout = fixed_layout(RegionInfo)
+    layout = Layout.REGION_INFO
     expect_error(client, errno.EINVAL, Command.DEVICE_GET_REGION_INFO, layout.pack(16, 0, 0, 0, 0, 0))
     expect_error(client, errno.EINVAL, Command.DEVICE_GET_REGION_INFO, layout.pack(32, 0, 9, 0, 0, 0))
     expect_error(client, errno.EINVAL, Command.DEVICE_GET_REGION_INFO, layout.pack(32, 0, 0, 0, 0, 0)[:20])
@@ -196,11 +194,9 @@ def test_region_info_argsz_too_small_and_bad_index(client):
 def test_region_info_too_small_for_its_capabilities(probe, client):
     """QEMU asks with argsz 32; a region with capabilities answers with the size it needs, no caps
     and no CAPS flag; asked again with that size, it sends them."""
-    from vfiouser.protocol import RegionCapId, RegionInfo, fixed_layout
-
     _, server = probe
     server.endpoint.region_caps[0] = [dict(id=RegionCapId.TYPE, version=1, body=dict(type=0x8086, subtype=7))]
-    layout = fixed_layout(RegionInfo)
+    layout = Layout.REGION_INFO
     reply = client.request(Command.DEVICE_GET_REGION_INFO, layout.pack(32, 0, 0, 0, 0, 0))
     assert len(reply.payload) == 32
     argsz, flags, index, cap_offset, size, _ = layout.unpack_from(reply.payload)
@@ -222,9 +218,7 @@ def test_get_irq_info(client):
 
 
 def test_get_region_io_fds_offers_none(client):
-    from vfiouser.protocol import IoFdsRequest, fixed_layout
-
-    layout = fixed_layout(IoFdsRequest)
+    layout = Layout.IO_FDS
     reply = client.request(Command.DEVICE_GET_REGION_IO_FDS, layout.pack(16, 0, 0, 0))
     assert layout.unpack_from(reply.payload) == (16, 0, 0, 0)
 
@@ -304,9 +298,7 @@ def test_region_write_multi(probe, client):
 
 def test_region_write_multi_is_checked_before_any_write(probe, client):
     dev, _ = probe
-    from vfiouser.protocol import WriteMulti, WriteMultiEntry, fixed_layout
-
-    count, entry = fixed_layout(WriteMulti), fixed_layout(WriteMultiEntry)
+    count, entry = Layout.WRITE_MULTI_COUNT, Layout.WRITE_MULTI_ENTRY
     good = entry.pack(0x300, 0, 1, b"\x07".ljust(8, b"\0"))
     bad = entry.pack(0, 9, 1, bytes(8))
     expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(2) + good + bad)
@@ -330,11 +322,9 @@ def test_short_payloads(client):
 
 
 def test_bad_argsz(client):
-    from vfiouser.protocol import DeviceInfo, DmaMap, IrqInfo, fixed_layout
-
-    expect_error(client, errno.EINVAL, Command.DEVICE_GET_INFO, fixed_layout(DeviceInfo).pack(8, 0, 0, 0))
-    expect_error(client, errno.EINVAL, Command.DEVICE_GET_IRQ_INFO, fixed_layout(IrqInfo).pack(4, 0, 0, 0))
-    expect_error(client, errno.EINVAL, Command.DMA_MAP, fixed_layout(DmaMap).pack(16, 3, 0, 0, 0x1000))
+    expect_error(client, errno.EINVAL, Command.DEVICE_GET_INFO, Layout.DEVICE_INFO.pack(8, 0, 0, 0))
+    expect_error(client, errno.EINVAL, Command.DEVICE_GET_IRQ_INFO, Layout.IRQ_INFO.pack(4, 0, 0, 0))
+    expect_error(client, errno.EINVAL, Command.DMA_MAP, Layout.DMA_MAP.pack(16, 3, 0, 0, 0x1000))
     expect_error(client, errno.EINVAL, Command.DEVICE_SET_IRQS, set_irq_payload(NONE_TRIGGER, 0, 0, 1, argsz=40))
     alive(client)
 
@@ -543,15 +533,11 @@ def test_dma_unmap_all(probe, client):
 
 
 def _dma_map(addr, size, flags=3, offset=0):
-    from vfiouser.protocol import DmaMap, fixed_layout
-
-    return fixed_layout(DmaMap).pack(32, flags, offset, addr, size)
+    return Layout.DMA_MAP.pack(32, flags, offset, addr, size)
 
 
 def _dma_unmap(addr, size, flags=0):
-    from vfiouser.protocol import DmaUnmap, fixed_layout
-
-    return fixed_layout(DmaUnmap).pack(24, flags, addr, size)
+    return Layout.DMA_UNMAP.pack(24, flags, addr, size)
 
 
 # ------------------------------------------------------------------ reset and life cycle

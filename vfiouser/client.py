@@ -24,38 +24,29 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import select
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ClientStateError, ConnectionClosed, ErrorReply, ReplyTimeout
+from .errors import ClientStateError, ErrorReply, ReplyTimeout
 from .protocol import (
     DMA_ACCESS,
     HEADER,
     HEADER_SIZE,
+    Layout,
     REGION_ACCESS,
     Command,
-    DeviceInfo,
-    DmaMap,
-    DmaUnmap,
-    IrqInfo,
-    IrqSet,
     MsgFlags,
     MsgType,
-    RegionInfo,
     RegionInfoReply,
     Version,
-    WriteMulti,
-    WriteMultiEntry,
     command_name,
     describe,
-    fixed_layout,
     parse_region_caps,
 )
-from .transport import Transport
+from .transport import Transport, close_fds as _close_fds
 
 __all__ = ["Client", "Message", "RegionInfoResult", "DEFAULT_CLIENT_CAPS"]
 
@@ -71,14 +62,6 @@ DEFAULT_CLIENT_CAPS = {
     }
 }
 
-_REGION_INFO = fixed_layout(RegionInfo)
-_IRQ_INFO = fixed_layout(IrqInfo)
-_IRQ_SET = fixed_layout(IrqSet)
-_DMA_MAP = fixed_layout(DmaMap)
-_DMA_UNMAP = fixed_layout(DmaUnmap)
-_DEVICE_INFO = fixed_layout(DeviceInfo)
-_WRITE_MULTI_COUNT = fixed_layout(WriteMulti)
-_WRITE_MULTI_ENTRY = fixed_layout(WriteMultiEntry)
 
 
 @dataclass
@@ -272,13 +255,13 @@ class Client:
 
     def get_info(self):
         """DEVICE_GET_INFO: ``(flags, num_regions, num_irqs)``."""
-        reply = self.request(Command.DEVICE_GET_INFO, _DEVICE_INFO.pack(_DEVICE_INFO.size, 0, 0, 0))
-        _, flags, num_regions, num_irqs = _DEVICE_INFO.unpack_from(reply.payload)
+        reply = self.request(Command.DEVICE_GET_INFO, Layout.DEVICE_INFO.pack(Layout.DEVICE_INFO.size, 0, 0, 0))
+        _, flags, num_regions, num_irqs = Layout.DEVICE_INFO.unpack_from(reply.payload)
         return flags, num_regions, num_irqs
 
     def get_region_info(self, index: int, argsz: int = 32) -> RegionInfoResult:
         """DEVICE_GET_REGION_INFO; re-asks with a bigger ``argsz`` if capabilities did not fit."""
-        reply = self.request(Command.DEVICE_GET_REGION_INFO, _REGION_INFO.pack(argsz, 0, index, 0, 0, 0))
+        reply = self.request(Command.DEVICE_GET_REGION_INFO, Layout.REGION_INFO.pack(argsz, 0, index, 0, 0, 0))
         info = RegionInfoReply.parse(reply.payload)
         if info.argsz > argsz and argsz == 32:
             _close_fds(reply.fds)
@@ -290,14 +273,14 @@ class Client:
 
     def get_irq_info(self, index: int) -> tuple[int, int]:
         """DEVICE_GET_IRQ_INFO: ``(flags, count)``."""
-        reply = self.request(Command.DEVICE_GET_IRQ_INFO, _IRQ_INFO.pack(_IRQ_INFO.size, 0, index, 0))
-        _, flags, _, count = _IRQ_INFO.unpack_from(reply.payload)
+        reply = self.request(Command.DEVICE_GET_IRQ_INFO, Layout.IRQ_INFO.pack(Layout.IRQ_INFO.size, 0, index, 0))
+        _, flags, _, count = Layout.IRQ_INFO.unpack_from(reply.payload)
         return flags, count
 
     def set_irqs(self, index: int, flags: int, start: int = 0, count: int = 1, *, fds: Sequence[int] = (),
                  data: bytes = b"") -> None:
         """DEVICE_SET_IRQS."""
-        payload = _IRQ_SET.pack(_IRQ_SET.size + len(data), flags, index, start, count) + data
+        payload = Layout.IRQ_SET.pack(Layout.IRQ_SET.size + len(data), flags, index, start, count) + data
         self.request(Command.DEVICE_SET_IRQS, payload, fds=fds)
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
@@ -315,8 +298,8 @@ class Client:
 
     def region_write_multi(self, writes: Sequence[tuple[int, int, bytes]], *, posted: bool = True) -> None:
         """REGION_WRITE_MULTI of ``(region, offset, data)`` writes (data <= 8 bytes each)."""
-        payload = _WRITE_MULTI_COUNT.pack(len(writes)) + b"".join(
-            _WRITE_MULTI_ENTRY.pack(offset, region, len(data), data.ljust(8, b"\0")) for region, offset, data in writes
+        payload = Layout.WRITE_MULTI_COUNT.pack(len(writes)) + b"".join(
+            Layout.WRITE_MULTI_ENTRY.pack(offset, region, len(data), data.ljust(8, b"\0")) for region, offset, data in writes
         )
         self.request(Command.REGION_WRITE_MULTI, payload, no_reply=posted)
 
@@ -331,21 +314,13 @@ class Client:
     def dma_map(self, addr: int, size: int, flags: int = 3, *, fd: int | None = None, offset: int = 0,
                 no_reply: bool = False) -> None:
         """DMA_MAP ``[addr, addr+size)``; with ``fd`` the server may mmap it."""
-        payload = _DMA_MAP.pack(_DMA_MAP.size, flags, offset, addr, size)
+        payload = Layout.DMA_MAP.pack(Layout.DMA_MAP.size, flags, offset, addr, size)
         self.request(Command.DMA_MAP, payload, fds=[fd] if fd is not None else [], no_reply=no_reply)
 
     def dma_unmap(self, addr: int, size: int, flags: int = 0) -> None:
         """DMA_UNMAP ``[addr, addr+size)``."""
-        self.request(Command.DMA_UNMAP, _DMA_UNMAP.pack(_DMA_UNMAP.size, flags, addr, size))
+        self.request(Command.DMA_UNMAP, Layout.DMA_UNMAP.pack(Layout.DMA_UNMAP.size, flags, addr, size))
 
     def reset(self) -> None:
         """DEVICE_RESET."""
         self.request(Command.DEVICE_RESET)
-
-
-def _close_fds(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

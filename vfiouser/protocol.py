@@ -92,6 +92,7 @@ __all__ = [
     "REGION_ACCESS",
     "DMA_ACCESS",
     "fixed_layout",
+    "Layout",
     "build_region_caps",
     "parse_region_caps",
     "describe",
@@ -509,13 +510,32 @@ def fixed_layout(fmt: Struct) -> struct.Struct:
     return struct.Struct("<" + "".join(codes))
 
 
+class Layout:
+    """``struct.Struct`` layouts of the fixed parts of the messages, derived from the
+    declarations above (never written by hand). Field order is the declaration's."""
+
+    HEADER = fixed_layout(Header)
+    DMA_MAP = fixed_layout(DmaMap)
+    DMA_UNMAP = fixed_layout(DmaUnmap)
+    DEVICE_INFO = fixed_layout(DeviceInfo)
+    REGION_INFO = fixed_layout(RegionInfo)
+    IO_FDS = fixed_layout(IoFdsRequest)
+    IRQ_INFO = fixed_layout(IrqInfo)
+    IRQ_SET = fixed_layout(IrqSet)
+    REGION_ACCESS = fixed_layout(RegionAccess)
+    DMA_ACCESS = fixed_layout(DmaAccess)
+    WRITE_MULTI_COUNT = fixed_layout(WriteMulti)
+    WRITE_MULTI_ENTRY = fixed_layout(WriteMultiEntry)
+    DEVICE_FEATURE = fixed_layout(DeviceFeature)
+
+
 #: ``(msg_id, cmd, msg_size, flags, error_no)``
-HEADER = fixed_layout(Header)
+HEADER = Layout.HEADER
 HEADER_SIZE = HEADER.size
 #: ``(offset, region, count)`` of REGION_READ/REGION_WRITE
-REGION_ACCESS = fixed_layout(RegionAccess)
+REGION_ACCESS = Layout.REGION_ACCESS
 #: ``(addr, count)`` of DMA_READ/DMA_WRITE
-DMA_ACCESS = fixed_layout(DmaAccess)
+DMA_ACCESS = Layout.DMA_ACCESS
 #: Size of the fixed part of a region-info struct (where capabilities start).
 REGION_INFO_SIZE = RegionInfo.sizeof()
 

@@ -26,7 +26,6 @@ import enum
 import errno
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 
 from devices.pci import RegionAccessError
@@ -50,32 +49,22 @@ from .irq import IrqState
 from .protocol import (
     HEADER,
     HEADER_SIZE,
+    Layout,
     REGION_ACCESS,
     REGION_INFO_SIZE,
     Command,
-    DeviceFeature,
     DeviceFlags,
-    DeviceInfo,
-    DmaMap,
-    DmaUnmap,
     DmaUnmapFlags,
     FeatureFlags,
-    IoFdsRequest,
-    IrqInfo,
-    IrqSet,
     MsgFlags,
     MsgType,
     RegionFlags,
-    RegionInfo,
     Version,
-    WriteMulti,
-    WriteMultiEntry,
     build_region_caps,
     command_name,
     describe,
-    fixed_layout,
 )
-from .transport import Frame, Transport
+from .transport import Frame, Transport, close_fds
 
 __all__ = ["Session", "SessionState", "ServerCapabilities", "ClientCapabilities", "MAX_WRITE_MULTI"]
 
@@ -86,16 +75,6 @@ MAX_WRITE_MULTI = 200
 #: Most bytes in one REGION_WRITE_MULTI write.
 MULTI_WRITE_MAX_DATA = 8
 
-_DMA_MAP = fixed_layout(DmaMap)
-_DMA_UNMAP = fixed_layout(DmaUnmap)
-_DEVICE_INFO = fixed_layout(DeviceInfo)
-_REGION_INFO = fixed_layout(RegionInfo)
-_IO_FDS = fixed_layout(IoFdsRequest)
-_IRQ_INFO = fixed_layout(IrqInfo)
-_IRQ_SET = fixed_layout(IrqSet)
-_WRITE_MULTI_COUNT = fixed_layout(WriteMulti)
-_WRITE_MULTI_ENTRY = fixed_layout(WriteMultiEntry)
-_FEATURE = fixed_layout(DeviceFeature)
 
 _REPLY = int(MsgType.REPLY)
 _ERROR_REPLY = int(MsgType.REPLY | MsgFlags.ERROR)
@@ -193,11 +172,8 @@ class ClientCapabilities:
 
 
 def _close_all(fds: list[int]) -> None:
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
+    close_fds(fds)
+    fds.clear()
 
 
 class Session:
@@ -447,13 +423,13 @@ class Session:
 
     def _get_info(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_GET_INFO")
-        self._fixed(payload, _DEVICE_INFO, "DEVICE_GET_INFO")
+        self._fixed(payload, Layout.DEVICE_INFO, "DEVICE_GET_INFO")
         dev_flags = int(DeviceFlags.PCI | DeviceFlags.RESET)
-        return _DEVICE_INFO.pack(_DEVICE_INFO.size, dev_flags, self.endpoint.num_regions, self.endpoint.num_irqs)
+        return Layout.DEVICE_INFO.pack(Layout.DEVICE_INFO.size, dev_flags, self.endpoint.num_regions, self.endpoint.num_irqs)
 
     def _get_region_info(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_GET_REGION_INFO")
-        argsz, _, index, _, _, _ = self._fixed(payload, _REGION_INFO, "DEVICE_GET_REGION_INFO")
+        argsz, _, index, _, _, _ = self._fixed(payload, Layout.REGION_INFO, "DEVICE_GET_REGION_INFO")
         if index >= self.endpoint.num_regions:
             raise BadRegionAccess(f"region index {index} out of range ({self.endpoint.num_regions} regions)")
         region = self.endpoint.regions[index]
@@ -462,30 +438,30 @@ class Session:
         flags = region.flags | (RegionFlags.CAPS if caps_blob else 0)
         if argsz < needed:
             # Too small for the capabilities: say how much is needed, send none (the client re-asks).
-            return _REGION_INFO.pack(needed, region.flags, index, 0, region.size, 0)
-        return _REGION_INFO.pack(needed, flags, index, cap_offset, region.size, 0) + caps_blob
+            return Layout.REGION_INFO.pack(needed, region.flags, index, 0, region.size, 0)
+        return Layout.REGION_INFO.pack(needed, flags, index, cap_offset, region.size, 0) + caps_blob
 
     def _get_region_io_fds(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_GET_REGION_IO_FDS")
-        argsz, _, index, _ = self._fixed(payload, _IO_FDS, "DEVICE_GET_REGION_IO_FDS")
+        argsz, _, index, _ = self._fixed(payload, Layout.IO_FDS, "DEVICE_GET_REGION_IO_FDS")
         if index >= self.endpoint.num_regions or not self.endpoint.region_sizes[index]:
             raise BadRegionAccess(f"region index {index} does not exist")
         # No ioeventfd/ioregionfd offload: every access comes as a message.
-        return _IO_FDS.pack(_IO_FDS.size, 0, index, 0)
+        return Layout.IO_FDS.pack(Layout.IO_FDS.size, 0, index, 0)
 
     def _get_irq_info(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_GET_IRQ_INFO")
-        _, _, index, _ = self._fixed(payload, _IRQ_INFO, "DEVICE_GET_IRQ_INFO")
+        _, _, index, _ = self._fixed(payload, Layout.IRQ_INFO, "DEVICE_GET_IRQ_INFO")
         info_flags, count = self.irqs.info(index)
-        return _IRQ_INFO.pack(_IRQ_INFO.size, info_flags, index, count)
+        return Layout.IRQ_INFO.pack(Layout.IRQ_INFO.size, info_flags, index, count)
 
     # -- interrupts ----------------------------------------------------------------------
 
     def _set_irqs(self, msg_id, flags, payload, fds):
-        argsz, irq_flags, index, start, count = self._fixed(payload, _IRQ_SET, "DEVICE_SET_IRQS")
+        argsz, irq_flags, index, start, count = self._fixed(payload, Layout.IRQ_SET, "DEVICE_SET_IRQS")
         if argsz > len(payload):
             raise BadIrqRequest(f"DEVICE_SET_IRQS argsz {argsz} exceeds the {len(payload)}-byte payload")
-        data = bytes(payload[_IRQ_SET.size : argsz])
+        data = bytes(payload[Layout.IRQ_SET.size : argsz])
         self.irqs.set_irqs(irq_flags, index, start, count, data, fds)
 
     # -- region access -------------------------------------------------------------------
@@ -516,25 +492,25 @@ class Session:
 
     def _region_write_multi(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "REGION_WRITE_MULTI")
-        (wr_cnt,) = self._fixed(payload, _WRITE_MULTI_COUNT, "REGION_WRITE_MULTI", argsz=False)
+        (wr_cnt,) = self._fixed(payload, Layout.WRITE_MULTI_COUNT, "REGION_WRITE_MULTI", argsz=False)
         if not 0 < wr_cnt <= MAX_WRITE_MULTI:
             raise MalformedMessage(f"REGION_WRITE_MULTI wr_cnt {wr_cnt} not in 1..{MAX_WRITE_MULTI}")
-        expected = _WRITE_MULTI_COUNT.size + wr_cnt * _WRITE_MULTI_ENTRY.size
+        expected = Layout.WRITE_MULTI_COUNT.size + wr_cnt * Layout.WRITE_MULTI_ENTRY.size
         if len(payload) != expected:
             raise MalformedMessage(f"REGION_WRITE_MULTI of {wr_cnt} writes is {len(payload)} bytes, not {expected}")
-        writes = list(_WRITE_MULTI_ENTRY.iter_unpack(payload[_WRITE_MULTI_COUNT.size :]))
+        writes = list(Layout.WRITE_MULTI_ENTRY.iter_unpack(payload[Layout.WRITE_MULTI_COUNT.size :]))
         for offset, region, count, _ in writes:  # all or nothing: check every write first
             if count > MULTI_WRITE_MAX_DATA:
                 raise MalformedMessage(f"REGION_WRITE_MULTI write of {count} bytes (max 8)")
             self._check_region(region, offset, count, "REGION_WRITE_MULTI", True)
         for offset, region, count, data in writes:
             self.model.region_write(region, offset, data[:count])
-        return _WRITE_MULTI_COUNT.pack(wr_cnt)
+        return Layout.WRITE_MULTI_COUNT.pack(wr_cnt)
 
     # -- DMA -----------------------------------------------------------------------------
 
     def _dma_map(self, msg_id, flags, payload, fds):
-        _, map_flags, offset, addr, size = self._fixed(payload, _DMA_MAP, "DMA_MAP")
+        _, map_flags, offset, addr, size = self._fixed(payload, Layout.DMA_MAP, "DMA_MAP")
         if len(fds) > 1:
             raise BadDmaRequest(f"DMA_MAP carries {len(fds)} fds (at most 1)")
         fd = fds.pop() if fds else None
@@ -542,7 +518,7 @@ class Session:
 
     def _dma_unmap(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DMA_UNMAP")
-        _, unmap_flags, addr, size = self._fixed(payload, _DMA_UNMAP, "DMA_UNMAP")
+        _, unmap_flags, addr, size = self._fixed(payload, Layout.DMA_UNMAP, "DMA_UNMAP")
         if unmap_flags & DmaUnmapFlags.GET_DIRTY_BITMAP:
             raise UnsupportedCommand("DMA_UNMAP with GET_DIRTY_BITMAP: dirty tracking is not supported")
         if unmap_flags & ~int(DmaUnmapFlags.ALL):
@@ -553,7 +529,7 @@ class Session:
             self.dma.remove_all()
         else:
             self.dma.remove(addr, size)
-        return bytes(payload[: _DMA_UNMAP.size])
+        return bytes(payload[: Layout.DMA_UNMAP.size])
 
     # -- reset, features, migration ------------------------------------------------------------
 
@@ -566,7 +542,7 @@ class Session:
 
     def _device_feature(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_FEATURE")
-        _, feature_flags = self._fixed(payload, _FEATURE, "DEVICE_FEATURE")
+        _, feature_flags = self._fixed(payload, Layout.DEVICE_FEATURE, "DEVICE_FEATURE")
         ops = feature_flags & int(FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE)
         if not ops or feature_flags & ~(int(FeatureFlags.MASK) | ops):
             raise MalformedMessage(f"DEVICE_FEATURE flags {feature_flags:#x}: need GET, SET or PROBE")

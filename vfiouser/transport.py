@@ -35,7 +35,7 @@ from typing import NamedTuple
 from .errors import ConnectionClosed, FramingError
 from .protocol import HEADER, HEADER_SIZE
 
-__all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE"]
+__all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE", "close_fds"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class Frame(NamedTuple):
     fds: list[int]
 
 
-def _close_fds(fds) -> None:
+def close_fds(fds) -> None:
+    """Close every fd of ``fds``, ignoring ones already closed."""
     for fd in fds:
         try:
             os.close(fd)
@@ -109,10 +110,10 @@ class Transport:
         fds = self._collect_fds(ancdata)
         if msg_flags & socket.MSG_CTRUNC:
             self.log.error("control data truncated: the peer sent more fds than %d; closing them", MAX_FDS_PER_MESSAGE)
-            _close_fds(fds)
+            close_fds(fds)
             fds = []
         if n == 0:
-            _close_fds(fds)
+            close_fds(fds)
             raise ConnectionClosed("peer closed the connection")
         chunk_start = self._base + self._end
         self._end += n
@@ -190,7 +191,7 @@ class Transport:
                 # No message started in that receive: fds sent in the middle of a message.
                 chunks.popleft()
                 self.log.error("%d fd(s) arrived without a message start; closing them", len(fds))
-                _close_fds(fds)
+                close_fds(fds)
                 continue
             if c0 <= stream_start and stream_start + size >= c1:
                 chunks.popleft()
@@ -235,7 +236,7 @@ class Transport:
             return
         self.closed = True
         while self._fd_chunks:
-            _close_fds(self._fd_chunks.popleft()[2])
+            close_fds(self._fd_chunks.popleft()[2])
         try:
             self.sock.close()
         except OSError:

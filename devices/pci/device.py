@@ -40,7 +40,7 @@ from typing import Protocol
 
 from iomgr import CowIoManager, DeviceIo, MmioAddressRange, NoDevice
 
-from .bars import Bar, BarError, IoBar, MemoryBar, RomBar
+from .bars import Bar, BarError, RomBar
 from .config import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
