@@ -197,7 +197,7 @@ class Client:
             if msg.is_reply:
                 self._stash[msg.msg_id] = msg
             else:
-                self._serve_request(msg)
+                self.serve_request(msg)
         reply = self._stash.pop(msg_id)
         if reply.cmd != cmd:
             _close_fds(reply.fds)
@@ -217,7 +217,7 @@ class Client:
             return None
         return self.wait_reply(msg_id, cmd, timeout)
 
-    def _serve_request(self, msg: Message) -> None:
+    def serve_request(self, msg: Message) -> None:
         """Answer a server-to-client command (DMA_READ / DMA_WRITE)."""
         _close_fds(msg.fds)
         reply_payload = b""

@@ -12,6 +12,12 @@ wrap around 2**64 and not overlap another map (EEXIST) unless it is the very
 same range, which then replaces the old map. Unmapping a range that was not
 mapped is ENOENT. Mapping with an fd that cannot be mmapped keeps the range as
 a message-only map and logs a warning.
+
+Device DMA *pins* the maps it uses (:meth:`DmaMappings.acquire`); a transfer
+may span adjacent maps (QEMU splits RAM around the legacy VGA/BIOS hole).
+Unmapping a pinned map first fails the transfers still waiting for the client
+(``on_remove``), then waits for in-place copies to finish, so a mapping never
+disappears under a copy.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ import errno
 import logging
 import mmap
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+
+from devices.pci.dma import DmaPermissionError, DmaUnmapped
 
 from .errors import BadDmaRequest
 from .protocol import DmaMapFlags
@@ -30,8 +39,11 @@ __all__ = ["DmaRegion", "DmaMappings"]
 
 log = logging.getLogger(__name__)
 
+#: How long an unmap waits for in-place copies on its range.
+UNMAP_WAIT = 5.0
 
-@dataclass
+
+@dataclass(eq=False)
 class DmaRegion:
     """One mapped range. ``mem`` is a memoryview of the mapping, or ``None`` for message-only DMA."""
 
@@ -41,6 +53,12 @@ class DmaRegion:
     mem: memoryview | None = None
     _map: mmap.mmap | None = None
     _whole: memoryview | None = None
+    #: transfers in progress on this map
+    users: int = 0
+    #: unmapped: no new transfer may start
+    dead: bool = False
+    #: message-mode transfers waiting for the client (owned by the session)
+    waiters: set = field(default_factory=set)
 
     @property
     def end(self) -> int:
@@ -55,7 +73,7 @@ class DmaRegion:
         return bool(self.flags & DmaMapFlags.WRITE)
 
     def release(self) -> None:
-        """Drop the mapping (the view first, then the mmap)."""
+        """Drop the mapping (the views first, then the mmap)."""
         for view in (self.mem, self._whole):
             if view is not None:
                 view.release()
@@ -74,18 +92,24 @@ class DmaRegion:
 
 
 class DmaMappings:
-    """The DMA maps of one session, sorted by address."""
+    """The DMA maps of one session, sorted by address. Thread-safe."""
 
-    def __init__(self, max_maps: int = 65535) -> None:
+    def __init__(self, max_maps: int = 65535, on_remove=None) -> None:
         self.max_maps = max_maps
+        #: called with a region being unmapped, before waiting for its users
+        self.on_remove = on_remove or (lambda region: None)
         self._addrs: list[int] = []
         self._regions: list[DmaRegion] = []
+        self._cond = threading.Condition()
 
     def __len__(self) -> int:
         return len(self._regions)
 
     def __iter__(self):
-        return iter(list(self._regions))
+        with self._cond:
+            return iter(list(self._regions))
+
+    # -- DMA_MAP / DMA_UNMAP (server thread) ------------------------------------
 
     def add(self, addr: int, size: int, flags: int, fd: int | None = None, offset: int = 0) -> DmaRegion:
         """Map ``[addr, addr+size)``. Takes ownership of ``fd`` (it is closed here)."""
@@ -94,35 +118,44 @@ class DmaMappings:
                 raise BadDmaRequest(f"unknown DMA_MAP flag bits {flags:#x}")
             if size == 0 or addr + size > 1 << 64:
                 raise BadDmaRequest(f"invalid DMA range [{addr:#x}, +{size:#x})")
-            i = bisect.bisect_right(self._addrs, addr) - 1
-            replace = None
-            for j in (i, i + 1):
-                if 0 <= j < len(self._regions):
-                    other = self._regions[j]
-                    if other.addr == addr and other.size == size:
-                        replace = j
-                    elif other.addr < addr + size and addr < other.end:
-                        raise BadDmaRequest(
-                            f"DMA range [{addr:#x}, +{size:#x}) overlaps [{other.addr:#x}, +{other.size:#x})",
-                            errno=errno.EEXIST,
-                        )
-            if replace is None and len(self._regions) >= self.max_maps:
-                raise BadDmaRequest(f"too many DMA maps (max {self.max_maps})", errno=errno.ENOSPC)
+            with self._cond:
+                replace = self._check_free(addr, size)
             region = DmaRegion(addr, size, flags)
             if fd is not None:
                 self._mmap(region, fd, offset)
         finally:
             if fd is not None:
                 os.close(fd)
-        if replace is not None:
-            self._regions[replace].release()
-            self._regions[replace] = region
-        else:
+        with self._cond:
+            if replace is not None:
+                i = self._regions.index(replace)
+                del self._regions[i]
+                del self._addrs[i]
             pos = bisect.bisect_right(self._addrs, addr)
             self._addrs.insert(pos, addr)
             self._regions.insert(pos, region)
+        if replace is not None:
+            self._retire(replace)
         log.debug("DMA map %r", region)
         return region
+
+    def _check_free(self, addr: int, size: int) -> DmaRegion | None:
+        """The region with exactly this range (to replace), or None; raises on a partial overlap."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        replace = None
+        for j in (i, i + 1):
+            if 0 <= j < len(self._regions):
+                other = self._regions[j]
+                if other.addr == addr and other.size == size:
+                    replace = other
+                elif other.addr < addr + size and addr < other.end:
+                    raise BadDmaRequest(
+                        f"DMA range [{addr:#x}, +{size:#x}) overlaps [{other.addr:#x}, +{other.size:#x})",
+                        errno=errno.EEXIST,
+                    )
+        if replace is None and len(self._regions) >= self.max_maps:
+            raise BadDmaRequest(f"too many DMA maps (max {self.max_maps})", errno=errno.ENOSPC)
+        return replace
 
     @staticmethod
     def _mmap(region: DmaRegion, fd: int, offset: int) -> None:
@@ -147,28 +180,77 @@ class DmaMappings:
 
     def remove(self, addr: int, size: int) -> DmaRegion:
         """Unmap exactly ``[addr, addr+size)``; :class:`BadDmaRequest` (ENOENT) if it is not mapped."""
-        i = bisect.bisect_right(self._addrs, addr) - 1
-        if i < 0 or self._regions[i].addr != addr or self._regions[i].size != size:
-            raise BadDmaRequest(f"DMA range [{addr:#x}, +{size:#x}) is not mapped", errno=errno.ENOENT)
-        region = self._regions.pop(i)
-        del self._addrs[i]
-        region.release()
+        with self._cond:
+            i = bisect.bisect_right(self._addrs, addr) - 1
+            if i < 0 or self._regions[i].addr != addr or self._regions[i].size != size:
+                raise BadDmaRequest(f"DMA range [{addr:#x}, +{size:#x}) is not mapped", errno=errno.ENOENT)
+            region = self._regions.pop(i)
+            del self._addrs[i]
+        self._retire(region)
         log.debug("DMA unmap %r", region)
         return region
 
     def remove_all(self) -> None:
         """Unmap everything."""
-        regions, self._regions, self._addrs = self._regions, [], []
+        with self._cond:
+            regions, self._regions, self._addrs = self._regions, [], []
         for region in regions:
+            self._retire(region)
+
+    close = remove_all
+
+    def _retire(self, region: DmaRegion) -> None:
+        """Stop new transfers, fail the waiting ones, wait for copies, release the mapping."""
+        with self._cond:
+            region.dead = True
+        self.on_remove(region)
+        with self._cond:
+            if not self._cond.wait_for(lambda: region.users == 0, UNMAP_WAIT):
+                log.error("DMA range %r still in use after %.0fs; releasing it anyway", region, UNMAP_WAIT)
             region.release()
+
+    # -- device DMA (worker threads) --------------------------------------------
 
     def find(self, addr: int, size: int) -> DmaRegion | None:
         """The map that contains all of ``[addr, addr+size)``, or ``None``."""
-        i = bisect.bisect_right(self._addrs, addr) - 1
-        if i >= 0:
-            region = self._regions[i]
-            if addr + size <= region.end:
-                return region
+        with self._cond:
+            i = bisect.bisect_right(self._addrs, addr) - 1
+            if i >= 0:
+                region = self._regions[i]
+                if addr + size <= region.end:
+                    return region
         return None
 
-    close = remove_all
+    def acquire(self, addr: int, size: int, write: bool) -> list[tuple[DmaRegion, int, int]]:
+        """Pin the maps covering ``[addr, addr+size)`` as ``(region, offset, length)`` pieces.
+
+        Raises :class:`~devices.pci.dma.DmaUnmapped` for a gap and
+        :class:`~devices.pci.dma.DmaPermissionError` for a direction the map forbids.
+        """
+        end = addr + size
+        pieces = []
+        with self._cond:
+            i = bisect.bisect_right(self._addrs, addr) - 1
+            pos = addr
+            while pos < end:
+                region = self._regions[i] if 0 <= i < len(self._regions) else None
+                if region is None or not region.addr <= pos < region.end:
+                    raise DmaUnmapped(f"DMA range [{addr:#x}, +{size:#x}) is not mapped at {pos:#x}", addr, size)
+                if write and not region.writable:
+                    raise DmaPermissionError(f"DMA write to read-only guest memory at {pos:#x}", addr, size)
+                if not write and not region.readable:
+                    raise DmaPermissionError(f"DMA read of write-only guest memory at {pos:#x}", addr, size)
+                n = min(end, region.end) - pos
+                pieces.append((region, pos - region.addr, n))
+                pos += n
+                i += 1
+            for region, _, _ in pieces:
+                region.users += 1
+        return pieces
+
+    def release(self, pieces: list[tuple[DmaRegion, int, int]]) -> None:
+        """Unpin what :meth:`acquire` pinned."""
+        with self._cond:
+            for region, _, _ in pieces:
+                region.users -= 1
+            self._cond.notify_all()

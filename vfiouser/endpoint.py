@@ -3,8 +3,8 @@
 A :class:`DeviceEndpoint` wraps one :class:`devices.pci.PciDevice` for the whole
 life of a server: it realizes the model, answers the questions about regions
 and interrupts that DEVICE_GET_INFO, GET_REGION_INFO and GET_IRQ_INFO ask, and
-routes the model's interrupts to whichever session is connected (or nowhere,
-between clients). Sessions come and go; the endpoint and the device state stay.
+routes the model's interrupts and DMA to whichever session is connected (or
+nowhere, between clients). Sessions come and go; the endpoint and the device state stay.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from devices.pci import NUM_REGIONS, PciDevice, RegionKind
+from devices.pci.dma import DmaUnavailable
 
 from .protocol import IrqIndex, RegionFlags
 
@@ -54,7 +55,7 @@ class DeviceEndpoint:
         self.irq_counts[IrqIndex.INTX] = 1 if model.interrupt_pin else 0
         self.irq_counts[IrqIndex.ERR] = 1
         self.irq_counts[IrqIndex.REQ] = 1
-        self._irqs = None
+        self._session = None
         self._lock = threading.Lock()
         model.attach(self)
 
@@ -74,23 +75,35 @@ class DeviceEndpoint:
                 lines.append(f"region {r.index}: {r.kind} {r.size:#x} bytes")
         return "; ".join(lines) or "no BARs"
 
-    # -- interrupt routing (the model's InterruptSink) --------------------------
+    # -- the model's backend: interrupts and DMA go to the connected session --------
 
-    def connect_irqs(self, irqs) -> None:
-        """Deliver the model's interrupts to ``irqs`` (a session's :class:`~vfiouser.irq.IrqState`)."""
+    def connect(self, session) -> None:
+        """Route the model's interrupts and DMA to ``session``."""
         with self._lock:
-            self._irqs = irqs
+            self._session = session
 
-    def disconnect_irqs(self, irqs) -> None:
+    def disconnect(self, session) -> None:
         with self._lock:
-            if self._irqs is irqs:
-                self._irqs = None
+            if self._session is session:
+                self._session = None
 
     def intx(self, asserted: bool) -> None:
-        irqs = self._irqs
-        if irqs is not None:
-            irqs.intx(asserted)
+        session = self._session
+        if session is not None:
+            session.irqs.intx(asserted)
 
     def intx_level(self) -> bool:
         """The model's effective INTx level (asserted and not disabled)."""
         return self.model.intx_pending()
+
+    def dma_read(self, addr: int, size: int) -> bytes:
+        session = self._session
+        if session is None:
+            raise DmaUnavailable("no client is connected", addr, size)
+        return session.dma_read(addr, size)
+
+    def dma_write(self, addr: int, data: bytes) -> None:
+        session = self._session
+        if session is None:
+            raise DmaUnavailable("no client is connected", addr, len(data))
+        session.dma_write(addr, data)

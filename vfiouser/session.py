@@ -15,9 +15,17 @@ about: a header that cannot be framed and a failed VERSION exchange (error
 reply, then the connection is closed). An exception raised by the device model
 becomes an EIO error reply and a logged traceback.
 
+Device DMA through messages (guest RAM without an fd) is a request of the
+server's own: :meth:`Session.dma_read` / :meth:`Session.dma_write` send
+DMA_READ/DMA_WRITE, chunked to the client's ``max_data_xfer_size``, and wait
+for the reply, which the server loop routes back by message id. They must be
+called from a device's worker thread, never from the loop (it is the only
+reader of the socket); deferred work is released only after the loop has sent
+the replies of the batch that deferred it, so QEMU is free to answer.
+
 On end of stream the session closes every fd the client gave it, drops every
-DMA mapping and stops routing interrupts; the device model and its state stay
-for the next client.
+DMA mapping, fails DMA still waiting for the client and stops routing
+interrupts; the device model and its state stay for the next client.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import enum
 import errno
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from devices.pci import RegionAccessError
+from devices.pci.dma import DmaAborted, DmaUnavailable, DmaWouldDeadlock
 
 from .dma import DmaMappings
 from .endpoint import DeviceEndpoint
@@ -47,6 +57,7 @@ from .errors import (
 )
 from .irq import IrqState
 from .protocol import (
+    DMA_ACCESS,
     HEADER,
     HEADER_SIZE,
     Layout,
@@ -176,6 +187,23 @@ def _close_all(fds: list[int]) -> None:
     fds.clear()
 
 
+class _Waiter:
+    """A server request waiting for its reply."""
+
+    __slots__ = ("cmd", "region", "event", "reply", "error")
+
+    def __init__(self, cmd: int, region) -> None:
+        self.cmd, self.region = cmd, region
+        self.event = threading.Event()
+        self.reply: bytes | None = None
+        self.error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
 class Session:
     """Serves one client connection for a :class:`DeviceEndpoint`.
 
@@ -213,7 +241,13 @@ class Session:
             intx_level=endpoint.intx_level,
         )
         self.irqs.log = self.log
-        self.dma = DmaMappings(self.caps.max_dma_maps)
+        self.dma = DmaMappings(self.caps.max_dma_maps, on_remove=self._fail_region_waiters)
+        #: seconds a device's DMA waits for the client's reply
+        self.dma_timeout = 10.0
+        self._req_lock = threading.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._next_req_id = 0
+        self._loop_thread: int | None = None
         self._out: list = []
         self._verbose = self.log.isEnabledFor(logging.DEBUG)
         self._handlers = {
@@ -233,7 +267,7 @@ class Session:
             Command.MIG_DATA_READ: self._migration,
             Command.MIG_DATA_WRITE: self._migration,
         }
-        endpoint.connect_irqs(self.irqs)
+        endpoint.connect(self)
 
     # -- event loop entry points ---------------------------------------------------
 
@@ -259,6 +293,9 @@ class Session:
             self._flush()
             self.state = SessionState.CLOSED
             return False
+        self._loop_thread = threading.get_ident()
+        worker = self.model.worker
+        worker.hold()  # deferred work starts only once these requests are answered
         try:
             for frame in frames:
                 self._dispatch(frame)
@@ -266,6 +303,8 @@ class Session:
         except ConnectionClosed as exc:
             self.log.info("client disconnected while we replied (%s)", exc)
             self.state = SessionState.CLOSED
+        finally:
+            worker.release()
         return self.state is not SessionState.CLOSED
 
     # -- dispatch ------------------------------------------------------------------
@@ -279,9 +318,7 @@ class Session:
                                               msg_id=msg_id, nfds=len(fds)))
         mtype = flags & _TYPE_MASK
         if mtype == MsgType.REPLY:
-            self.log.warning("unexpected reply %s #%d (no request of ours is waiting); dropped",
-                             command_name(cmd), msg_id)
-            _close_all(fds)
+            self._route_reply(msg_id, cmd, flags, error_no, payload, fds)
             return
         no_reply = flags & _NO_REPLY
         try:
@@ -553,12 +590,134 @@ class Session:
     def _migration(self, msg_id, flags, payload, fds):
         raise UnsupportedCommand("migration data needs a migration state; live migration is not supported")
 
+    # -- requests of our own (device DMA in message mode) ---------------------------------
+
+    def _route_reply(self, msg_id, cmd, flags, error_no, payload, fds) -> None:
+        with self._req_lock:
+            waiter = self._pending.pop(msg_id, None)
+        if waiter is None:
+            self.log.warning("unexpected reply %s #%d (no request of ours is waiting); dropped",
+                             command_name(cmd), msg_id)
+            _close_all(fds)
+            return
+        if fds:
+            _close_all(fds)
+            waiter.fail(DmaAborted(f"{command_name(cmd)} reply carried fds"))
+        elif cmd != waiter.cmd:
+            waiter.fail(DmaAborted(f"reply #{msg_id} is for {command_name(cmd)}, not {command_name(waiter.cmd)}"))
+        elif flags & MsgFlags.ERROR:
+            name = errno.errorcode.get(error_no, str(error_no))
+            waiter.fail(DmaAborted(f"client answered {command_name(cmd)} with {name}"))
+        elif payload is None:
+            waiter.fail(DmaAborted(f"{command_name(cmd)} reply too large"))
+        else:
+            waiter.reply = bytes(payload)
+            waiter.event.set()
+
+    def _request(self, cmd: int, payload: bytes, region) -> bytes:
+        """Send a request to the client and wait for the reply's payload (worker threads only)."""
+        waiter = _Waiter(cmd, region)
+        with self._req_lock:
+            if self.state is SessionState.CLOSED:
+                raise DmaUnavailable("the client disconnected")
+            if region.dead:
+                raise DmaAborted("the DMA range was unmapped")
+            msg_id = self._next_req_id
+            while msg_id in self._pending:
+                msg_id = (msg_id + 1) & 0xFFFF
+            self._next_req_id = (msg_id + 1) & 0xFFFF
+            self._pending[msg_id] = waiter
+            region.waiters.add(waiter)
+        try:
+            header = HEADER.pack(msg_id, cmd, HEADER_SIZE + len(payload), MsgType.COMMAND, 0)
+            if self._verbose:
+                self.log.debug(">>> %s", describe(cmd, 0, payload, msg_id=msg_id))
+            if self.tracer is not None:
+                self.tracer.record("out", header + payload, 0)
+            try:
+                self.transport.send([header, payload])
+            except ConnectionClosed as exc:
+                raise DmaUnavailable(f"the client disconnected ({exc})") from None
+            if not waiter.event.wait(self.dma_timeout):
+                raise DmaAborted(f"no reply to {command_name(cmd)} #{msg_id} within {self.dma_timeout:g}s")
+            if waiter.error is not None:
+                raise waiter.error
+            return waiter.reply
+        finally:
+            with self._req_lock:
+                if self._pending.get(msg_id) is waiter:
+                    del self._pending[msg_id]
+                region.waiters.discard(waiter)
+
+    def _fail_region_waiters(self, region) -> None:
+        with self._req_lock:
+            waiters = list(region.waiters)
+        for waiter in waiters:
+            waiter.fail(DmaAborted(f"DMA range [{region.addr:#x}, +{region.size:#x}) was unmapped during the transfer"))
+
+    def _dma_chunk(self) -> int:
+        return max(1, min(self.client_caps.max_data_xfer_size, self.caps.max_data_xfer_size))
+
+    def _check_dma_thread(self, addr: int, size: int) -> None:
+        if threading.get_ident() == self._loop_thread:
+            raise DmaWouldDeadlock("DMA from the server loop (a request handler); defer it", addr, size)
+
+    def dma_read(self, addr: int, size: int) -> bytes:
+        """Read guest memory for the device: in place if mmapped, else with DMA_READ messages."""
+        self._check_dma_thread(addr, size)
+        pieces = self.dma.acquire(addr, size, write=False)
+        try:
+            out = bytearray()
+            for region, offset, length in pieces:
+                if region.mem is not None:
+                    out += region.mem[offset : offset + length]
+                    continue
+                chunk = self._dma_chunk()
+                for pos in range(0, length, chunk):
+                    n = min(chunk, length - pos)
+                    where = region.addr + offset + pos
+                    reply = self._request(Command.DMA_READ, DMA_ACCESS.pack(where, n), region)
+                    if len(reply) != DMA_ACCESS.size + n or DMA_ACCESS.unpack_from(reply) != (where, n):
+                        raise DmaAborted(f"DMA_READ reply does not match the request ({len(reply)} bytes)", where, n)
+                    out += reply[DMA_ACCESS.size :]
+            return bytes(out)
+        finally:
+            self.dma.release(pieces)
+
+    def dma_write(self, addr: int, data: bytes) -> None:
+        """Write guest memory for the device: in place if mmapped, else with DMA_WRITE messages."""
+        self._check_dma_thread(addr, len(data))
+        pieces = self.dma.acquire(addr, len(data), write=True)
+        try:
+            pos = 0
+            for region, offset, length in pieces:
+                part = memoryview(data)[pos : pos + length]
+                pos += length
+                if region.mem is not None:
+                    region.mem[offset : offset + length] = part
+                    continue
+                chunk = self._dma_chunk()
+                for sub in range(0, length, chunk):
+                    n = min(chunk, length - sub)
+                    where = region.addr + offset + sub
+                    reply = self._request(Command.DMA_WRITE, DMA_ACCESS.pack(where, n) + part[sub : sub + n], region)
+                    # QEMU 11.1.3 echoes (addr, count); older clients reply with the header only.
+                    if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (where, n)):
+                        raise DmaAborted("DMA_WRITE reply does not match the request", where, n)
+        finally:
+            self.dma.release(pieces)
+
     # -- teardown --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release everything the client gave us: eventfds, DMA mappings, the socket."""
-        self.state = SessionState.CLOSED
-        self.endpoint.disconnect_irqs(self.irqs)
+        """Release everything the client gave us: eventfds, DMA mappings, the socket;
+        fail the DMA still waiting for a reply."""
+        with self._req_lock:
+            self.state = SessionState.CLOSED
+            waiters, self._pending = list(self._pending.values()), {}
+        for waiter in waiters:
+            waiter.fail(DmaUnavailable("the client disconnected"))
+        self.endpoint.disconnect(self)
         self.irqs.close()
         self.dma.close()
         self.transport.close()

@@ -29,6 +29,7 @@ import logging
 import os
 import select
 import socket
+import threading
 from collections import deque
 from typing import NamedTuple
 
@@ -83,6 +84,7 @@ class Transport:
         self._discard = 0  # bytes still to skip of an oversized message
         # (first stream offset, end stream offset, fds) of receives that carried fds
         self._fd_chunks: deque[tuple[int, int, list[int]]] = deque()
+        self._send_lock = threading.Lock()
         self.closed = False
 
     # -- receiving ---------------------------------------------------------------
@@ -203,30 +205,32 @@ class Transport:
     # -- sending -----------------------------------------------------------------
 
     def send(self, buffers, fds=()) -> None:
-        """Send ``buffers`` (a bytes-like object or a list of them) in order; ``fds``
-        travel with the first byte. Blocks (up to 10 s) while the socket is full."""
+        """Send ``buffers`` (a bytes-like object or a list of them) in order, as one unit
+        that other threads' sends never interleave with; ``fds`` travel with the first
+        byte. Blocks (up to 10 s) while the socket is full."""
         if isinstance(buffers, (bytes, bytearray, memoryview)):
             buffers = [buffers]
         views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        while views:
-            try:
-                sent = self.sock.sendmsg(views, anc)
-            except (BlockingIOError, InterruptedError):
-                _, writable, _ = select.select([], [self.sock], [], _SEND_TIMEOUT)
-                if not writable:
-                    raise ConnectionClosed("peer stopped reading (send timed out)") from None
-                continue
-            except OSError as exc:
-                raise ConnectionClosed(f"send failed: {exc}") from exc
-            anc = []
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+        with self._send_lock:
+            while views:
+                try:
+                    sent = self.sock.sendmsg(views, anc)
+                except (BlockingIOError, InterruptedError):
+                    _, writable, _ = select.select([], [self.sock], [], _SEND_TIMEOUT)
+                    if not writable:
+                        raise ConnectionClosed("peer stopped reading (send timed out)") from None
+                    continue
+                except OSError as exc:
+                    raise ConnectionClosed(f"send failed: {exc}") from exc
+                anc = []
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
 
     # -- teardown ----------------------------------------------------------------
 

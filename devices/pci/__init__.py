@@ -7,6 +7,15 @@ walks through a complete model.
 from .bars import MAX_IO_BAR_SIZE, Bar, BarError, IoBar, MemoryBar, RomBar
 from .config import *  # noqa: F401,F403  (register offsets and bits)
 from .config import ConfigSpace, ConfigSpaceError
+from .dma import (
+    Dma,
+    DmaAborted,
+    DmaError,
+    DmaPermissionError,
+    DmaUnavailable,
+    DmaUnmapped,
+    DmaWouldDeadlock,
+)
 from .device import (
     CONFIG_REGION,
     INTA,
@@ -17,6 +26,7 @@ from .device import (
     NUM_REGIONS,
     ROM_REGION,
     VGA_REGION,
+    DeviceBackend,
     InterruptSink,
     PciDevice,
     Region,
@@ -27,6 +37,14 @@ from .device import (
 __all__ = [
     "PciDevice",
     "InterruptSink",
+    "DeviceBackend",
+    "Dma",
+    "DmaError",
+    "DmaUnmapped",
+    "DmaPermissionError",
+    "DmaUnavailable",
+    "DmaAborted",
+    "DmaWouldDeadlock",
     "Region",
     "RegionKind",
     "RegionAccessError",

@@ -27,8 +27,10 @@ Threading: every call a backend makes into the model (region accesses, reset)
 holds :attr:`PciDevice.lock`. Code that changes the model from elsewhere (a
 host-side API, a timer thread) must take the same lock.
 
-Nothing here knows about vfio-user: interrupts leave the model through an
-:class:`InterruptSink` that the backend attaches.
+Nothing here knows about vfio-user: interrupts and DMA go through a
+:class:`DeviceBackend` that the backend attaches. Work that must not run
+inside a register handler (DMA, anything slow) is deferred with
+:meth:`PciDevice.defer` and runs once the triggering request is answered.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from typing import Protocol
 from iomgr import CowIoManager, DeviceIo, MmioAddressRange, NoDevice
 
 from .bars import Bar, BarError, RomBar
+from .dma import NO_BACKEND, Dma
+from .worker import DeviceWorker
 from .config import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
@@ -72,6 +76,7 @@ from .config import (
 __all__ = [
     "PciDevice",
     "InterruptSink",
+    "DeviceBackend",
     "Region",
     "RegionKind",
     "RegionAccessError",
@@ -146,6 +151,16 @@ class InterruptSink(Protocol):
         """The effective INTx level changed (pin level, gated by the INTx-disable bit)."""
 
 
+class DeviceBackend(InterruptSink, Protocol):
+    """Everything a backend provides to a model: interrupts and DMA (see :mod:`devices.pci.dma`)."""
+
+    def dma_read(self, addr: int, size: int) -> bytes:
+        """Guest memory ``[addr, addr+size)``."""
+
+    def dma_write(self, addr: int, data: bytes) -> None:
+        """Write ``data`` to guest memory at ``addr``."""
+
+
 class _ConfigHandler(DeviceIo):
     """Config space as an IoManager handler: forwards to the model's config hooks."""
 
@@ -206,6 +221,10 @@ class PciDevice(DeviceIo):
         self._intx_level = False
         self._intx_effective = False
         self._sink: InterruptSink | None = None
+        #: Guest memory, for DMA (see :mod:`devices.pci.dma`).
+        self.dma = Dma(self)
+        #: Runs deferred work (see :meth:`defer`).
+        self.worker = DeviceWorker(type(self).__name__)
         self._realized = False
         self._unclaimed_seen: set[tuple[int, int, int, str]] = set()
         self._build_header()
@@ -392,12 +411,23 @@ class PciDevice(DeviceIo):
 
     # -- interrupts -------------------------------------------------------------
 
-    def attach(self, sink: InterruptSink | None) -> None:
-        """Route this device's interrupts to ``sink`` (``None``: nowhere). Backends call this."""
+    def attach(self, backend: DeviceBackend | InterruptSink | None) -> None:
+        """Route interrupts (and DMA, if it offers it) to ``backend``; ``None``: nowhere. Backends call this."""
         with self.lock:
-            self._sink = sink
-            if sink is not None and self._intx_effective:
-                sink.intx(True)
+            self._sink = backend
+            self.dma.backend = backend if backend is not None and hasattr(backend, "dma_read") else NO_BACKEND
+            if backend is not None and self._intx_effective:
+                backend.intx(True)
+
+    def defer(self, fn, *args, delay: float = 0.0) -> None:
+        """Run ``fn(*args)`` on the device's worker thread once the current request is answered.
+
+        For work that must not run in a register handler: DMA, anything slow,
+        anything that waits. ``delay`` (seconds) postpones it further. The task
+        runs without the device lock: take ``self.lock`` around register state,
+        never around DMA.
+        """
+        self.worker.submit(fn, *args, delay=delay)
 
     @property
     def intx_level(self) -> bool:

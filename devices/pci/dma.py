@@ -1,0 +1,160 @@
+"""DMA for device models: read and write guest memory, whatever the backend does underneath.
+
+A model reaches guest memory through ``self.dma`` (a :class:`Dma`)::
+
+    data = self.dma.read(addr, 4096)          # guest memory -> bytes
+    self.dma.write(addr, b"result")           # bytes -> guest memory
+    chunks = self.dma.read_sg([(a1, n1), (a2, n2)])   # scatter-gather
+
+The backend decides how: with the vfio-user server, guest RAM shared through a
+memory fd is accessed in place (mmap), other RAM through DMA_READ/DMA_WRITE
+messages to QEMU. The model does not see the difference, except for one rule:
+
+**Do DMA from deferred work, never from a register handler.** A handler runs
+while QEMU may be waiting for its reply, and QEMU cannot answer a DMA message
+until then. :meth:`devices.pci.PciDevice.defer` runs a function after the
+current request is answered, on the device's worker thread, without the
+device lock; take ``self.lock`` around register state, not around DMA.
+A DMA call made from a handler or with the device lock held raises
+:class:`DmaWouldDeadlock` instead of hanging.
+
+Failures are exceptions the model can handle (the device, not the server,
+decides what a bad address means: an error bit, an error interrupt, ...):
+
+* :class:`DmaUnmapped` - the range is not (entirely) in guest memory the client mapped;
+* :class:`DmaPermissionError` - a write to a read-only mapping, or a read of a write-only one;
+* :class:`DmaUnavailable` - no client is connected;
+* :class:`DmaAborted` - the mapping went away during the transfer, the client
+  answered with an error, or did not answer in time;
+* :class:`DmaWouldDeadlock` - see above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+__all__ = [
+    "Dma",
+    "DmaBackend",
+    "DmaError",
+    "DmaUnmapped",
+    "DmaPermissionError",
+    "DmaUnavailable",
+    "DmaAborted",
+    "DmaWouldDeadlock",
+]
+
+
+class DmaError(Exception):
+    """Base class of DMA failures. ``addr`` and ``size`` give the failed range."""
+
+    def __init__(self, message: str, addr: int = 0, size: int = 0) -> None:
+        super().__init__(message)
+        self.addr, self.size = addr, size
+
+
+class DmaUnmapped(DmaError):
+    """The range is not entirely inside guest memory the client mapped for DMA."""
+
+
+class DmaPermissionError(DmaError):
+    """The mapping does not allow this direction (write to read-only, read of write-only)."""
+
+
+class DmaUnavailable(DmaError):
+    """No client is connected, so there is no guest memory to reach."""
+
+
+class DmaAborted(DmaError):
+    """The transfer started but could not finish: unmapped meanwhile, error reply, timeout, client gone."""
+
+
+class DmaWouldDeadlock(DmaError):
+    """DMA was attempted where waiting for the client could deadlock (in a handler, or holding the device lock)."""
+
+
+class DmaBackend(Protocol):
+    """What a backend provides for DMA (the vfio-user server implements it)."""
+
+    def dma_read(self, addr: int, size: int) -> bytes:
+        """Guest memory ``[addr, addr+size)``; raises :class:`DmaError`."""
+
+    def dma_write(self, addr: int, data: bytes) -> None:
+        """Write ``data`` to guest memory at ``addr``; raises :class:`DmaError`."""
+
+
+class _NoBackend:
+    def dma_read(self, addr: int, size: int) -> bytes:
+        raise DmaUnavailable("no client is connected", addr, size)
+
+    def dma_write(self, addr: int, data: bytes) -> None:
+        raise DmaUnavailable("no client is connected", addr, len(data))
+
+
+NO_BACKEND = _NoBackend()
+
+
+class Dma:
+    """A device model's view of guest memory (see the module docstring)."""
+
+    def __init__(self, device) -> None:
+        self._device = device
+        self.backend: DmaBackend = NO_BACKEND
+
+    def _check_context(self, addr: int, size: int) -> None:
+        lock = self._device.lock
+        if getattr(lock, "_is_owned", lambda: False)():
+            raise DmaWouldDeadlock(
+                "DMA while holding the device lock; do DMA in deferred work with the lock released", addr, size
+            )
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Read ``size`` bytes of guest memory at ``addr``."""
+        if size < 0 or addr < 0:
+            raise DmaUnmapped(f"invalid DMA range [{addr:#x}, +{size:#x})", addr, size)
+        if size == 0:
+            return b""
+        self._check_context(addr, size)
+        return self.backend.dma_read(addr, size)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` to guest memory at ``addr``."""
+        data = bytes(data)
+        if addr < 0:
+            raise DmaUnmapped(f"invalid DMA address {addr:#x}", addr, len(data))
+        if not data:
+            return
+        self._check_context(addr, len(data))
+        self.backend.dma_write(addr, data)
+
+    def read_sg(self, segments: Iterable[tuple[int, int]]) -> bytes:
+        """Read a scatter-gather list of ``(addr, size)`` segments, concatenated."""
+        return b"".join(self.read(addr, size) for addr, size in segments)
+
+    def write_sg(self, segments: Sequence[tuple[int, int]], data: bytes | bytearray | memoryview) -> None:
+        """Spread ``data`` over ``(addr, size)`` segments, in order; their sizes must add up to ``len(data)``."""
+        data = memoryview(bytes(data))
+        total = sum(size for _, size in segments)
+        if total != len(data):
+            raise ValueError(f"segments cover {total} bytes, data has {len(data)}")
+        pos = 0
+        for addr, size in segments:
+            self.write(addr, data[pos : pos + size])
+            pos += size
+
+    def read_u32(self, addr: int) -> int:
+        """A little-endian 32-bit value from guest memory."""
+        return int.from_bytes(self.read(addr, 4), "little")
+
+    def read_u64(self, addr: int) -> int:
+        """A little-endian 64-bit value from guest memory."""
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write_u32(self, addr: int, value: int) -> None:
+        """Store a little-endian 32-bit value in guest memory."""
+        self.write(addr, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Store a little-endian 64-bit value in guest memory."""
+        self.write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))

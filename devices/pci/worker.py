@@ -1,0 +1,119 @@
+"""Deferred device work: run a model's background tasks after the request that caused them is answered.
+
+Device operations that take time or wait for the client (DMA, a computation,
+a timer) must not run inside a register handler: QEMU waits for the handler's
+reply and cannot serve the device meanwhile. A handler calls
+:meth:`devices.pci.PciDevice.defer` instead; the task runs on the device's
+worker thread, in submission order, once the backend has sent the replies of
+the batch of requests being processed (the backend *holds* the worker while it
+dispatches and *releases* it after replying), and after an optional delay.
+
+Tasks run without the device lock; they take ``device.lock`` around the
+register state they touch. An exception in a task is logged and the worker
+goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+
+__all__ = ["DeviceWorker"]
+
+log = logging.getLogger(__name__)
+
+
+class DeviceWorker:
+    """One thread that runs deferred tasks in order (started on first use)."""
+
+    def __init__(self, name: str = "device") -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._tasks: list[tuple[float, int, object, tuple]] = []  # heap of (due, seq, fn, args)
+        self._held: list[tuple[float, object, tuple]] = []
+        self._gate = 0
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        self._stopping = False
+
+    def submit(self, fn, *args, delay: float = 0.0) -> None:
+        """Run ``fn(*args)`` on the worker, ``delay`` seconds from now (or from release, if held)."""
+        with self._cond:
+            if self._gate:
+                self._held.append((delay, fn, args))
+                return
+            self._push(delay, fn, args)
+
+    def _push(self, delay: float, fn, args) -> None:
+        heapq.heappush(self._tasks, (time.monotonic() + delay, next(self._seq), fn, args))
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    def hold(self) -> None:
+        """Keep new tasks back until the matching :meth:`release` (nestable)."""
+        with self._cond:
+            self._gate += 1
+
+    def release(self) -> None:
+        """Let the tasks submitted since :meth:`hold` run."""
+        with self._cond:
+            self._gate -= 1
+            if self._gate == 0 and self._held:
+                held, self._held = self._held, []
+                for delay, fn, args in held:
+                    self._push(delay, fn, args)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    if self._tasks and self._tasks[0][0] <= now:
+                        _, _, fn, args = heapq.heappop(self._tasks)
+                        self._busy = True
+                        break
+                    self._cond.wait(self._tasks[0][0] - now if self._tasks else None)
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("deferred task %r of %s failed", fn, self.name)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def idle(self) -> bool:
+        """No task queued, held or running."""
+        with self._cond:
+            return not (self._tasks or self._held or self._busy)
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until :meth:`idle` (tasks due later count as pending); True if it became idle."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._tasks or self._held or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+            return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drop pending tasks and stop the thread (a running task finishes first)."""
+        with self._cond:
+            self._stopping = True
+            self._tasks.clear()
+            self._held.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)

@@ -1,0 +1,307 @@
+"""Device DMA through the server, in both modes, and every error path.
+
+The Python client plays QEMU: it maps guest memory (with an fd: mmap mode;
+without: DMA_READ/DMA_WRITE messages that it serves from a bytearray). The
+test thread plays the device's worker (DMA needs neither the device lock nor
+the server loop).
+"""
+
+import errno
+import mmap
+import os
+import threading
+import time
+
+import pytest
+
+from devices.pci import DmaAborted, DmaPermissionError, DmaUnavailable, DmaUnmapped, DmaWouldDeadlock
+from vfiouser.client import Client
+from vfiouser.errors import ConnectionClosed
+from vfiouser.protocol import Command
+
+from .probe import ProbeDevice
+
+
+class GuestMemory:
+    """Guest RAM as the client serves it for DMA messages; counts the messages."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.mem = base, bytearray(size)
+        self.requests: list[tuple[int, int, int]] = []
+        self.fail_with: int | None = None
+
+    def __call__(self, cmd, addr, count, data):
+        self.requests.append((cmd, addr, count))
+        if self.fail_with:
+            raise OSError(self.fail_with, "injected")
+        off = addr - self.base
+        if cmd == Command.DMA_READ:
+            return bytes(self.mem[off : off + count])
+        self.mem[off : off + count] = data
+        return None
+
+
+def serve_client(client: Client, stop: threading.Event) -> threading.Thread:
+    """Answer the server's DMA requests on a thread until ``stop``."""
+
+    def loop():
+        while not stop.is_set():
+            try:
+                msg = client.receive(timeout=0.05)
+                if msg is not None and not msg.is_reply:
+                    client.serve_request(msg)
+            except ConnectionClosed:
+                return
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def setup(serve):
+    dev = ProbeDevice()
+    server = serve(dev)
+    guest = GuestMemory(0x10000, 0x10000)
+    client = Client.connect(server.path, dma_handler=guest)
+    stop = threading.Event()
+    yield dev, server, client, guest, stop
+    stop.set()
+    client.close()
+
+
+def test_message_mode_read_and_write(setup):
+    dev, _, client, guest, stop = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    guest.mem[0x100:0x105] = b"hello"
+    serve_client(client, stop)
+    assert dev.dma.read(0x10100, 5) == b"hello"
+    dev.dma.write(0x10200, b"world")
+    assert guest.mem[0x200:0x205] == b"world"
+    assert [(c, a, n) for c, a, n in guest.requests] == [
+        (Command.DMA_READ, 0x10100, 5), (Command.DMA_WRITE, 0x10200, 5)]
+
+
+def test_message_mode_is_chunked_to_the_clients_max_data_xfer_size(serve):
+    dev = ProbeDevice()
+    server = serve(dev)
+    guest = GuestMemory(0, 0x10000)
+    caps = {"capabilities": {"max_data_xfer_size": 4096, "max_msg_fds": 16}}
+    stop = threading.Event()
+    with Client.connect(server.path, caps=caps, dma_handler=guest) as client:
+        client.dma_map(0, 0x10000, 3)
+        serve_client(client, stop)
+        payload = os.urandom(10000)
+        dev.dma.write(0x100, payload)
+        assert bytes(guest.mem[0x100:0x100 + 10000]) == payload
+        assert dev.dma.read(0x100, 10000) == payload
+        assert [n for _, _, n in guest.requests] == [4096, 4096, 1808] * 2
+        stop.set()
+
+
+def test_mmap_mode_accesses_guest_memory_in_place(setup):
+    dev, _, client, guest, _ = setup
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x20000)
+    client.dma_map(0x100000, 0x20000, 3, fd=fd)
+    with mmap.mmap(fd, 0x20000) as ram:
+        ram[0x40:0x44] = b"abcd"
+        assert dev.dma.read(0x100040, 4) == b"abcd"
+        dev.dma.write_u32(0x100080, 0xCAFEF00D)
+        assert ram[0x80:0x84] == (0xCAFEF00D).to_bytes(4, "little")
+    os.close(fd)
+    assert guest.requests == []  # no message needed
+
+
+def test_transfer_spanning_adjacent_maps_of_both_kinds(setup):
+    """QEMU splits RAM around 0xc0000; a buffer may straddle two maps."""
+    dev, _, client, guest, stop = setup
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x10000)
+    client.dma_map(0x0, 0x10000, 3, fd=fd)  # [0, 0x10000) mmap
+    client.dma_map(0x10000, 0x10000, 3)  # [0x10000, 0x20000) messages
+    serve_client(client, stop)
+    dev.dma.write(0xFFF8, b"0123456789abcdef")
+    with mmap.mmap(fd, 0x10000) as ram:
+        assert ram[0xFFF8:] == b"01234567"
+    assert guest.mem[:8] == b"89abcdef"
+    assert dev.dma.read(0xFFF8, 16) == b"0123456789abcdef"
+    assert dev.dma.read_sg([(0xFFFC, 2), (0x10002, 2)]) == b"45ab"
+    dev.dma.write_sg([(0x10100, 2), (0x10200, 1)], b"xyz")
+    assert guest.mem[0x100:0x102] == b"xy" and guest.mem[0x200:0x201] == b"z"
+    with pytest.raises(ValueError):
+        dev.dma.write_sg([(0x10100, 2)], b"xyz")
+    os.close(fd)
+
+
+def test_unmapped_and_permission_errors(setup):
+    dev, _, client, _, _ = setup
+    client.dma_map(0x10000, 0x1000, 1)  # read-only
+    with pytest.raises(DmaUnmapped) as exc:
+        dev.dma.read(0x20000, 4)
+    assert (exc.value.addr, exc.value.size) == (0x20000, 4)
+    with pytest.raises(DmaUnmapped):
+        dev.dma.read(0x10FFE, 4)  # runs past the map
+    with pytest.raises(DmaPermissionError):
+        dev.dma.write(0x10000, b"x")
+    with pytest.raises(DmaUnmapped):
+        dev.dma.read(-1, 4)
+
+
+def test_no_client_means_unavailable():
+    dev = ProbeDevice()
+    with pytest.raises(DmaUnavailable):
+        dev.dma.read(0, 4)
+
+
+def test_client_error_reply_aborts(setup):
+    dev, _, client, guest, stop = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    guest.fail_with = errno.EFAULT
+    serve_client(client, stop)
+    with pytest.raises(DmaAborted, match="EFAULT"):
+        dev.dma.read(0x10000, 4)
+
+
+def test_client_that_does_not_answer_times_out(setup):
+    dev, server, client, _, _ = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    server.session.dma_timeout = 0.2
+    with pytest.raises(DmaAborted, match="no reply"):
+        dev.dma.read(0x10000, 4)  # nobody serves the client's side
+
+
+def test_dma_with_the_device_lock_held_is_refused(setup):
+    dev, _, client, _, _ = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    with dev.lock:
+        with pytest.raises(DmaWouldDeadlock):
+            dev.dma.read(0x10000, 4)
+
+
+def test_dma_from_a_register_handler_is_refused(serve):
+    """A handler runs in the server loop with the device lock held: DMA there must not hang."""
+    from iomgr import DeviceIo
+
+    seen = []
+
+    class Eager(DeviceIo):
+        def __init__(self, dev):
+            self.dev = dev
+
+        def write(self, base, offset, data):
+            try:
+                self.dev.dma.read(0x10000, 4)
+            except DmaWouldDeadlock as exc:
+                seen.append(exc)
+
+    dev = ProbeDevice()
+    dev.bars[0].unmap(0x800)
+    dev.bars[0].map(Eager(dev), 0x800, 0x10)
+    server = serve(dev)
+    with Client.connect(server.path) as client:
+        client.dma_map(0x10000, 0x10000, 3)
+        client.region_write(0, 0x800, b"\x01")
+    assert len(seen) == 1
+
+
+def test_deferred_work_runs_after_the_reply_and_may_do_dma(serve):
+    """The documented pattern: a register write defers a task; the task does message DMA."""
+    from iomgr import DeviceIo
+
+    done = threading.Event()
+    result = []
+
+    class Doorbell(DeviceIo):
+        def __init__(self, dev):
+            self.dev = dev
+
+        def write(self, base, offset, data):
+            self.dev.defer(self.copy)
+
+        def copy(self):
+            result.append(self.dev.dma.read(0x10000, 4))
+            self.dev.dma.write(0x10010, result[-1][::-1])
+            done.set()
+
+    dev = ProbeDevice()
+    dev.bars[0].unmap(0x800)
+    dev.bars[0].map(Doorbell(dev), 0x800, 0x10)
+    server = serve(dev)
+    guest = GuestMemory(0x10000, 0x1000)
+    guest.mem[:4] = b"\x01\x02\x03\x04"
+    with Client.connect(server.path, dma_handler=guest) as client:
+        client.dma_map(0x10000, 0x1000, 3)
+        client.region_write(0, 0x800, b"\x01")  # synchronous write: the reply comes first
+        stop = threading.Event()
+        serve_client(client, stop)
+        assert done.wait(5)
+        stop.set()
+    assert result == [b"\x01\x02\x03\x04"] and guest.mem[0x10:0x14] == b"\x04\x03\x02\x01"
+
+
+def test_unmap_during_a_message_transfer_fails_it(setup):
+    dev, server, client, guest, _ = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    errors = []
+
+    def device():
+        try:
+            dev.dma.read(0x10000, 4)
+        except DmaAborted as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=device)
+    t.start()
+    msg = client.receive(timeout=2)  # the server's DMA_READ arrives...
+    assert msg.cmd == Command.DMA_READ
+    client.dma_unmap(0x10000, 0x10000)  # ...and the client unmaps instead of answering
+    t.join(5)
+    assert errors and "unmapped during the transfer" in str(errors[0])
+    client.serve_request(msg)  # a late answer is dropped by the server, the session goes on
+    assert client.config_read(0) == 0xBEEF1234
+
+
+def test_disconnect_fails_waiting_dma_and_later_dma(setup):
+    dev, server, client, _, _ = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    errors = []
+
+    def device():
+        try:
+            dev.dma.read(0x10000, 4)
+        except (DmaUnavailable, DmaAborted) as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=device)
+    t.start()
+    assert client.receive(timeout=2).cmd == Command.DMA_READ
+    client.close()
+    t.join(5)
+    assert errors and isinstance(errors[0], DmaUnavailable)
+    assert server.wait_idle(5)
+    with pytest.raises(DmaUnavailable):
+        dev.dma.read(0x10000, 4)
+
+
+def test_unmap_waits_for_an_in_place_copy(setup):
+    """An mmap-mode copy in flight keeps its mapping alive until it is done."""
+    dev, server, client, _, _ = setup
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x100000)
+    client.dma_map(0, 0x100000, 3, fd=fd)
+    os.close(fd)
+    pieces = server.session.dma.acquire(0, 0x1000, write=False)  # a copy in progress
+    unmapped = threading.Event()
+
+    def unmap():
+        client.dma_unmap(0, 0x100000)
+        unmapped.set()
+
+    t = threading.Thread(target=unmap)
+    t.start()
+    time.sleep(0.2)
+    assert not unmapped.is_set() and pieces[0][0].mem is not None
+    server.session.dma.release(pieces)
+    t.join(5)
+    assert unmapped.is_set() and pieces[0][0].mem is None
