@@ -14,7 +14,14 @@ import time
 
 import pytest
 
-from devices.pci import DmaAborted, DmaPermissionError, DmaUnavailable, DmaUnmapped, DmaWouldDeadlock
+from devices.pci import (
+    DmaAborted,
+    DmaBusMasterDisabled,
+    DmaPermissionError,
+    DmaUnavailable,
+    DmaUnmapped,
+    DmaWouldDeadlock,
+)
 from vfiouser.client import Client
 from vfiouser.errors import ConnectionClosed
 from vfiouser.protocol import Command
@@ -64,6 +71,7 @@ def setup(serve):
     server = serve(dev)
     guest = GuestMemory(0x10000, 0x10000)
     client = Client.connect(server.path, dma_handler=guest)
+    client.config_write(0x04, 0x0004, 2)  # bus master on, as a driver does before DMA
     stop = threading.Event()
     yield dev, server, client, guest, stop
     stop.set()
@@ -89,6 +97,7 @@ def test_message_mode_is_chunked_to_the_clients_max_data_xfer_size(serve):
     caps = {"capabilities": {"max_data_xfer_size": 4096, "max_msg_fds": 16}}
     stop = threading.Event()
     with Client.connect(server.path, caps=caps, dma_handler=guest) as client:
+        client.config_write(0x04, 0x0004, 2)
         client.dma_map(0, 0x10000, 3)
         serve_client(client, stop)
         payload = os.urandom(10000)
@@ -150,8 +159,17 @@ def test_unmapped_and_permission_errors(setup):
 
 def test_no_client_means_unavailable():
     dev = ProbeDevice()
+    dev.config.set_word(0x04, 0x0004)
     with pytest.raises(DmaUnavailable):
         dev.dma.read(0, 4)
+
+
+def test_no_dma_without_bus_mastering(setup):
+    dev, _, client, _, _ = setup
+    client.dma_map(0x10000, 0x1000, 3)
+    client.config_write(0x04, 0x0000, 2)
+    with pytest.raises(DmaBusMasterDisabled):
+        dev.dma.read(0x10000, 4)
 
 
 def test_client_error_reply_aborts(setup):
@@ -200,6 +218,7 @@ def test_dma_from_a_register_handler_is_refused(serve):
     dev.bars[0].map(Eager(dev), 0x800, 0x10)
     server = serve(dev)
     with Client.connect(server.path) as client:
+        client.config_write(0x04, 0x0004, 2)
         client.dma_map(0x10000, 0x10000, 3)
         client.region_write(0, 0x800, b"\x01")
     assert len(seen) == 1
@@ -231,6 +250,7 @@ def test_deferred_work_runs_after_the_reply_and_may_do_dma(serve):
     guest = GuestMemory(0x10000, 0x1000)
     guest.mem[:4] = b"\x01\x02\x03\x04"
     with Client.connect(server.path, dma_handler=guest) as client:
+        client.config_write(0x04, 0x0004, 2)
         client.dma_map(0x10000, 0x1000, 3)
         client.region_write(0, 0x800, b"\x01")  # synchronous write: the reply comes first
         stop = threading.Event()

@@ -67,6 +67,16 @@ def test_read_only_read_write_and_write_one_to_clear_bits():
     assert cs.get_word(0x42) == 0x0001  # RO bit 0 survives
 
 
+def test_sticky_bits_survive_reset():
+    cs = ConfigSpace()
+    cs.set_wmask(0x50, b"\xff\xff")
+    cs.set_stickymask(0x50, b"\xf0\x00")
+    cs.freeze_defaults()
+    cs.write(0x50, b"\xab\xcd")
+    cs.reset()
+    assert cs.data[0x50:0x52] == b"\xa0\x00"
+
+
 def test_config_space_bounds_and_size():
     with pytest.raises(ConfigSpaceError):
         ConfigSpace(512)
@@ -93,7 +103,11 @@ def test_type0_header_fields():
 def test_command_and_status_registers():
     dev = ProbeDevice()
     cfg_write(dev, PCI_COMMAND, 0xFFFF, 2)
-    assert cfg_read(dev, PCI_COMMAND, 2) == 0x0547  # IO MEM MASTER PARITY SERR INTX_DISABLE
+    assert cfg_read(dev, PCI_COMMAND, 2) == 0x0507  # IO MEM MASTER SERR INTX_DISABLE, as QEMU's PCI core
+    cfg_write(dev, 0x0D, 0xFF, 1)
+    assert cfg_read(dev, 0x0D, 1) == 0  # latency timer reads 0
+    cfg_write(dev, 0x0C, 0x10, 1)
+    assert cfg_read(dev, 0x0C, 1) == 0x10  # cache line size is RW
     dev.config.set_word(PCI_STATUS, 0xF900 | PCI_STATUS_CAP_LIST)
     cfg_write(dev, PCI_STATUS, 0x2000, 2)  # W1C one error bit
     assert cfg_read(dev, PCI_STATUS, 2) == 0xD900 | PCI_STATUS_CAP_LIST

@@ -10,6 +10,7 @@ from .config import ConfigSpace, ConfigSpaceError
 from .dma import (
     Dma,
     DmaAborted,
+    DmaBusMasterDisabled,
     DmaError,
     DmaPermissionError,
     DmaUnavailable,
@@ -44,6 +45,7 @@ __all__ = [
     "DmaPermissionError",
     "DmaUnavailable",
     "DmaAborted",
+    "DmaBusMasterDisabled",
     "DmaWouldDeadlock",
     "Region",
     "RegionKind",

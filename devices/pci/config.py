@@ -6,7 +6,8 @@ the guest may change:
 
 * ``wmask``: bits a write replaces (read-write);
 * ``w1cmask``: bits a write of 1 clears (write-1-to-clear, e.g. status errors);
-* every other bit is read-only: writes leave it alone.
+* every other bit is read-only: writes leave it alone;
+* ``stickymask``: bits a reset leaves alone (PCI's sticky RWS/RW1CS bits).
 
 Writes go through :meth:`ConfigSpace.write`, which applies the masks byte by
 byte and then calls the *write hooks* registered on the touched registers
@@ -152,6 +153,7 @@ class ConfigSpace:
         self.data = bytearray(size)
         self.wmask = bytearray(size)
         self.w1cmask = bytearray(size)
+        self.stickymask = bytearray(size)
         self._hooks: list[tuple[int, int, WriteHook]] = []
         self._used = bytearray(size)  # 1 where a capability lives
         self._used[:PCI_CAP_LIST_FIRST] = b"\x01" * PCI_CAP_LIST_FIRST
@@ -225,6 +227,11 @@ class ConfigSpace:
         self.w1cmask[offset : offset + len(mask)] = mask
         for i, m in enumerate(mask):
             self.wmask[offset + i] &= ~m & 0xFF
+
+    def set_stickymask(self, offset: int, mask: bytes) -> None:
+        """Make the bits set in ``mask`` survive :meth:`reset` (sticky)."""
+        self._check(offset, len(mask))
+        self.stickymask[offset : offset + len(mask)] = mask
 
     def set_w1cmask_word(self, offset: int, mask: int) -> None:
         """Write-1-to-clear bits of the word at ``offset``."""
@@ -326,9 +333,15 @@ class ConfigSpace:
         self._defaults = bytes(self.data)
 
     def reset(self) -> None:
-        """Return to the state remembered by :meth:`freeze_defaults` (a function-level reset)."""
-        if self._defaults is not None:
+        """Return to the state remembered by :meth:`freeze_defaults` (a function-level
+        reset), except for sticky bits, which keep their value."""
+        if self._defaults is None:
+            return
+        if not any(self.stickymask):
             self.data[:] = self._defaults
+            return
+        for i, (now, default, sticky) in enumerate(zip(self.data, self._defaults, self.stickymask)):
+            self.data[i] = (now & sticky) | (default & ~sticky & 0xFF)
 
     def __repr__(self) -> str:
         return f"ConfigSpace({self.get_word(0):04x}:{self.get_word(2):04x}, {self.size} bytes)"

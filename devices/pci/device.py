@@ -54,14 +54,12 @@ from .config import (
     PCI_COMMAND_IO,
     PCI_COMMAND_MASTER,
     PCI_COMMAND_MEMORY,
-    PCI_COMMAND_PARITY,
     PCI_COMMAND_SERR,
     PCI_CONFIG_SPACE_SIZE,
     PCI_DEVICE_ID,
     PCI_HEADER_TYPE,
     PCI_INTERRUPT_LINE,
     PCI_INTERRUPT_PIN,
-    PCI_LATENCY_TIMER,
     PCI_REVISION_ID,
     PCI_ROM_ADDRESS,
     PCI_STATUS,
@@ -109,14 +107,10 @@ MMIO_WINDOW_SHIFT = 40
 #: I/O BAR ``i`` sits at port ``i * 0x100`` in the device's IoManager.
 PIO_WINDOW_SIZE = 0x100
 
-_COMMAND_WMASK = (
-    PCI_COMMAND_IO
-    | PCI_COMMAND_MEMORY
-    | PCI_COMMAND_MASTER
-    | PCI_COMMAND_PARITY
-    | PCI_COMMAND_SERR
-    | PCI_COMMAND_INTX_DISABLE
-)
+#: Writable command bits, as QEMU's PCI core has them: I/O, memory, bus master, SERR#,
+#: INTx disable. (Parity error response is optional in PCI; a model that checks parity
+#: adds PCI_COMMAND_PARITY to ``command_wmask``.)
+_COMMAND_WMASK = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE
 
 
 class RegionKind:
@@ -210,6 +204,8 @@ class PciDevice(DeviceIo):
     interrupt_pin: int = NO_PIN
     #: Config space size: 256, or 4096 for PCI Express extended space.
     config_size: int = PCI_CONFIG_SPACE_SIZE
+    #: Guest-writable bits of the command register.
+    command_wmask: int = _COMMAND_WMASK
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -249,11 +245,10 @@ class PciDevice(DeviceIo):
         if self.interrupt_pin not in (NO_PIN, INTA, INTB, INTC, INTD):
             raise ValueError(f"interrupt_pin must be 0..4, not {self.interrupt_pin}")
         cs.set_byte(PCI_INTERRUPT_PIN, self.interrupt_pin)
-        cs.set_wmask_word(PCI_COMMAND, _COMMAND_WMASK)
+        cs.set_wmask_word(PCI_COMMAND, self.command_wmask)
         cs.set_w1cmask_word(PCI_STATUS, PCI_STATUS_W1C)
         cs.set_wmask_byte(PCI_CACHE_LINE_SIZE, 0xFF)
-        cs.set_wmask_byte(PCI_LATENCY_TIMER, 0xFF)
-        cs.set_wmask_byte(PCI_INTERRUPT_LINE, 0xFF)
+        cs.set_wmask_byte(PCI_INTERRUPT_LINE, 0xFF)  # the latency timer stays 0, as QEMU's PCI core has it
         cs.add_write_hook(PCI_COMMAND, 2, self._command_written)
 
     def add_bar(self, index: int, bar: Bar) -> Bar:
@@ -405,6 +400,10 @@ class PciDevice(DeviceIo):
     def config_write(self, offset: int, data: bytes | memoryview) -> None:
         """A guest config-space write (masks applied by :class:`ConfigSpace`)."""
         self.config.write(offset, data)
+
+    def bus_master_enabled(self) -> bool:
+        """Whether the command register allows the function to do DMA (and send MSIs)."""
+        return bool(self.config.get_word(PCI_COMMAND) & PCI_COMMAND_MASTER)
 
     def _command_written(self, offset: int, size: int) -> None:
         self._update_intx()

@@ -24,6 +24,8 @@ decides what a bad address means: an error bit, an error interrupt, ...):
 * :class:`DmaUnmapped` - the range is not (entirely) in guest memory the client mapped;
 * :class:`DmaPermissionError` - a write to a read-only mapping, or a read of a write-only one;
 * :class:`DmaUnavailable` - no client is connected;
+* :class:`DmaBusMasterDisabled` - the command register's bus-master bit is clear
+  (a PCI function may not start DMA then);
 * :class:`DmaAborted` - the mapping went away during the transfer, the client
   answered with an error, or did not answer in time;
 * :class:`DmaWouldDeadlock` - see above.
@@ -41,6 +43,7 @@ __all__ = [
     "DmaUnmapped",
     "DmaPermissionError",
     "DmaUnavailable",
+    "DmaBusMasterDisabled",
     "DmaAborted",
     "DmaWouldDeadlock",
 ]
@@ -64,6 +67,10 @@ class DmaPermissionError(DmaError):
 
 class DmaUnavailable(DmaError):
     """No client is connected, so there is no guest memory to reach."""
+
+
+class DmaBusMasterDisabled(DmaError):
+    """Bus mastering is off in the command register, so the function may not do DMA."""
 
 
 class DmaAborted(DmaError):
@@ -103,6 +110,8 @@ class Dma:
         self.backend: DmaBackend = NO_BACKEND
 
     def _check_context(self, addr: int, size: int) -> None:
+        if not self._device.bus_master_enabled():
+            raise DmaBusMasterDisabled("bus mastering is disabled (command register bit 2)", addr, size)
         lock = self._device.lock
         if getattr(lock, "_is_owned", lambda: False)():
             raise DmaWouldDeadlock(
