@@ -15,6 +15,7 @@ __all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadErr
 #: Built-in device names and where their classes live.
 BUILTIN_DEVICES: dict[str, str] = {
     "idio16": "devices.idio16:Idio16",
+    "edu": "devices.edu:Edu",
 }
 
 

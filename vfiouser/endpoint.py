@@ -53,6 +53,8 @@ class DeviceEndpoint:
         self.region_writable = [bool(r.flags & RegionFlags.WRITE) for r in self.regions]
         self.irq_counts = [0] * 5
         self.irq_counts[IrqIndex.INTX] = 1 if model.interrupt_pin else 0
+        self.irq_counts[IrqIndex.MSI] = model.msi.vectors if model.msi is not None else 0
+        self.irq_counts[IrqIndex.MSIX] = model.msix.vectors if model.msix is not None else 0
         self.irq_counts[IrqIndex.ERR] = 1
         self.irq_counts[IrqIndex.REQ] = 1
         self._session = None
@@ -91,6 +93,14 @@ class DeviceEndpoint:
         session = self._session
         if session is not None:
             session.irqs.intx(asserted)
+
+    def msi(self, vector: int) -> bool:
+        session = self._session
+        return session is not None and session.irqs.fire_vector(IrqIndex.MSI, vector)
+
+    def msix(self, vector: int) -> bool:
+        session = self._session
+        return session is not None and session.irqs.fire_vector(IrqIndex.MSIX, vector)
 
     def intx_level(self) -> bool:
         """The model's effective INTx level (asserted and not disabled)."""

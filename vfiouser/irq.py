@@ -211,6 +211,13 @@ class IrqState:
         if self._fire(IrqIndex.INTX, 0):
             self.masked[IrqIndex.INTX][0] = True  # automasked until the client unmasks
 
+    def fire_vector(self, index: int, vector: int) -> bool:
+        """Signal an MSI/MSI-X vector; False if it has no eventfd (or is disabled or masked)."""
+        with self._lock:
+            if not 0 <= vector < self.counts[index]:
+                return False
+            return self._fire(index, vector)
+
     def intx(self, asserted: bool) -> None:
         """The device's effective INTx level changed."""
         if asserted:

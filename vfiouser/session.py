@@ -67,6 +67,7 @@ from .protocol import (
     DeviceFlags,
     DmaUnmapFlags,
     FeatureFlags,
+    IrqIndex,
     MsgFlags,
     MsgType,
     RegionFlags,
@@ -500,6 +501,8 @@ class Session:
             raise BadIrqRequest(f"DEVICE_SET_IRQS argsz {argsz} exceeds the {len(payload)}-byte payload")
         data = bytes(payload[Layout.IRQ_SET.size : argsz])
         self.irqs.set_irqs(irq_flags, index, start, count, data, fds)
+        if index in (IrqIndex.MSI, IrqIndex.MSIX) and count:
+            self.model.retry_interrupts()  # vectors held for lack of an eventfd may go now
 
     # -- region access -------------------------------------------------------------------
 

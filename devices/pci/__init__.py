@@ -17,6 +17,7 @@ from .dma import (
     DmaUnmapped,
     DmaWouldDeadlock,
 )
+from .msi import MsiCapability, MsixCapability
 from .device import (
     CONFIG_REGION,
     INTA,
@@ -39,6 +40,8 @@ __all__ = [
     "PciDevice",
     "InterruptSink",
     "DeviceBackend",
+    "MsiCapability",
+    "MsixCapability",
     "Dma",
     "DmaError",
     "DmaUnmapped",

@@ -44,6 +44,7 @@ from iomgr import CowIoManager, DeviceIo, MmioAddressRange, NoDevice
 
 from .bars import Bar, BarError, RomBar
 from .dma import NO_BACKEND, Dma
+from .msi import MsiCapability, MsixCapability
 from .worker import DeviceWorker
 from .config import (
     PCI_BASE_ADDRESS_0,
@@ -69,6 +70,7 @@ from .config import (
     PCI_SUBSYSTEM_VENDOR_ID,
     PCI_VENDOR_ID,
     ConfigSpace,
+    ConfigSpaceError,
 )
 
 __all__ = [
@@ -146,7 +148,18 @@ class InterruptSink(Protocol):
 
 
 class DeviceBackend(InterruptSink, Protocol):
-    """Everything a backend provides to a model: interrupts and DMA (see :mod:`devices.pci.dma`)."""
+    """Everything a backend provides to a model: interrupts and DMA (see :mod:`devices.pci.dma`).
+
+    ``msi``/``msix`` send one vector and return whether they could (False: no
+    route for it yet; the framework holds it pending and calls
+    :meth:`PciDevice.retry_interrupts` when the backend says routes changed).
+    """
+
+    def msi(self, vector: int) -> bool:
+        """Send MSI ``vector``; False if there is no route for it."""
+
+    def msix(self, vector: int) -> bool:
+        """Send MSI-X ``vector``; False if there is no route for it."""
 
     def dma_read(self, addr: int, size: int) -> bytes:
         """Guest memory ``[addr, addr+size)``."""
@@ -217,6 +230,10 @@ class PciDevice(DeviceIo):
         self._intx_level = False
         self._intx_effective = False
         self._sink: InterruptSink | None = None
+        #: The MSI capability, once :meth:`add_msi` created it.
+        self.msi: MsiCapability | None = None
+        #: The MSI-X capability, once :meth:`add_msix` created it.
+        self.msix: MsixCapability | None = None
         #: Guest memory, for DMA (see :mod:`devices.pci.dma`).
         self.dma = Dma(self)
         #: Runs deferred work (see :meth:`defer`).
@@ -290,6 +307,39 @@ class PciDevice(DeviceIo):
         with self.io.transaction() as tx:
             self.io.register_device_io(tx, _RomHandler(rom), [rom.resource(0, rom.size)])
         return rom
+
+    def add_msi(self, vectors: int = 1, *, addr64: bool = True, per_vector_mask: bool = False,
+                offset: int | None = None) -> MsiCapability:
+        """Give the device an MSI capability with ``vectors`` (1-32, a power of two) vectors."""
+        if self.msi is not None or self._realized:
+            raise ConfigSpaceError("MSI can be added once, before the device is served")
+        self.msi = MsiCapability(self, vectors, addr64=addr64, per_vector_mask=per_vector_mask, offset=offset)
+        return self.msi
+
+    def add_msix(self, vectors: int, table_bar: int | Bar, table_offset: int = 0, *,
+                 pba_bar: int | Bar | None = None, pba_offset: int | None = None,
+                 offset: int | None = None) -> MsixCapability:
+        """Give the device an MSI-X capability with ``vectors`` vectors.
+
+        The table lives at ``table_offset`` of memory BAR ``table_bar``; the PBA
+        at ``pba_offset`` of ``pba_bar`` (default: the same BAR, right after the
+        table). The framework maps both; keep them clear of your own handlers.
+        """
+        if self.msix is not None or self._realized:
+            raise ConfigSpaceError("MSI-X can be added once, before the device is served")
+
+        def bar_of(ref):
+            bar = self.bars.get(ref) if isinstance(ref, int) else ref
+            if bar is None:
+                raise ConfigSpaceError(f"BAR{ref} is not declared; add it before MSI-X")
+            return bar
+
+        tbar = bar_of(table_bar)
+        pbar = bar_of(pba_bar) if pba_bar is not None else tbar
+        if pba_offset is None:
+            pba_offset = (table_offset + vectors * 16 + 7) & ~7 if pbar is tbar else 0
+        self.msix = MsixCapability(self, vectors, tbar, table_offset, pbar, pba_offset, offset=offset)
+        return self.msix
 
     def realize(self) -> None:
         """Freeze the layout: the current config space becomes the reset state.
@@ -450,8 +500,54 @@ class PciDevice(DeviceIo):
             self.config.set_bits_word(PCI_STATUS, PCI_STATUS_INTERRUPT, self._intx_level)
             self._update_intx()
 
+    def msi_enabled(self) -> bool:
+        """Whether the guest enabled MSI."""
+        return self.msi is not None and self.msi.enabled
+
+    def msix_enabled(self) -> bool:
+        """Whether the guest enabled MSI-X."""
+        return self.msix is not None and self.msix.enabled
+
+    def fire_msi(self, vector: int = 0) -> None:
+        """Send MSI ``vector`` (held pending while masked, dropped while MSI is disabled)."""
+        if self.msi is None:
+            raise RuntimeError(f"{type(self).__name__} has no MSI capability")
+        with self.lock:
+            self.msi.fire(vector)
+
+    def fire_msix(self, vector: int) -> None:
+        """Send MSI-X ``vector`` (held in the PBA while it cannot be sent, dropped while MSI-X is disabled)."""
+        if self.msix is None:
+            raise RuntimeError(f"{type(self).__name__} has no MSI-X capability")
+        with self.lock:
+            self.msix.fire(vector)
+
+    def retry_interrupts(self) -> None:
+        """Send held MSI/MSI-X vectors that can go now. Backends call this when routes change."""
+        with self.lock:
+            if self.msi is not None:
+                self.msi.deliver_pending()
+            if self.msix is not None:
+                self.msix.deliver_pending()
+
+    def _send_msi(self, vector: int) -> bool:
+        sink = self._sink
+        return bool(sink is not None and hasattr(sink, "msi") and sink.msi(vector))
+
+    def _send_msix(self, vector: int) -> bool:
+        sink = self._sink
+        return bool(sink is not None and hasattr(sink, "msix") and sink.msix(vector))
+
+    def _irq_mode_changed(self) -> None:
+        """MSI or MSI-X was switched on or off: enabling either drops INTx."""
+        if self.msi_enabled() or self.msix_enabled():
+            self._intx_level = False
+            self.config.set_bits_word(PCI_STATUS, PCI_STATUS_INTERRUPT, False)
+        self._update_intx()
+
     def _update_intx(self) -> None:
         disabled = bool(self.config.get_word(PCI_COMMAND) & PCI_COMMAND_INTX_DISABLE)
+        disabled = disabled or self.msi_enabled() or self.msix_enabled()
         effective = self._intx_level and not disabled
         if effective != self._intx_effective:
             self._intx_effective = effective
@@ -466,9 +562,14 @@ class PciDevice(DeviceIo):
 
     def device_reset(self) -> None:
         """Function-level reset, as a backend delivers it: config space back to its
-        reset state, INTx deasserted, then the model's :meth:`reset`."""
+        reset state (MSI and MSI-X disabled, nothing pending), INTx deasserted,
+        then the model's :meth:`reset`."""
         with self.lock:
             self.config.reset()
+            if self.msi is not None:
+                self.msi.reset()
+            if self.msix is not None:
+                self.msix.reset()
             self._intx_level = False
             self._update_intx()
             self.reset()
