@@ -122,6 +122,8 @@ class Edu(PciDevice):
     subsystem_vendor_id = 0x1AF4
     subsystem_id = 0x1100
     interrupt_pin = INTA
+    #: edu has no reset handler: a transfer already started completes after a reset.
+    reset_cancels_deferred = False
 
     def __init__(self, dma_mask: int = (1 << 28) - 1, dma_delay_ms: int = 100) -> None:
         super().__init__()

@@ -67,6 +67,8 @@ class _Bus:
     def check_range(self, base: int, size: int) -> None:
         if size <= 0:
             raise InvalidRange(self.name, base, size, "empty range")
+        if self.limit == PIO_SPACE_SIZE and size > 0xFFFF:
+            raise InvalidRange(self.name, base, size, "a PIO range is at most 0xffff ports (PioSize is 16 bits)")
         if base < 0 or base + size > self.limit:
             raise InvalidRange(self.name, base, size, f"does not fit in the {self.limit.bit_length() - 1}-bit space")
 

@@ -325,3 +325,57 @@ def test_unmap_waits_for_an_in_place_copy(setup):
     server.session.dma.release(pieces)
     t.join(5)
     assert unmapped.is_set() and pieces[0][0].mem is None
+
+
+def test_unmap_of_another_map_does_not_stall_the_server(setup):
+    """A message transfer spanning two maps waits on the first; unmapping the second must not
+    block the server loop (the only reader of the socket) until the transfer gives up."""
+    dev, server, client, guest, _ = setup
+    client.dma_map(0x10000, 0x1000, 3)
+    client.dma_map(0x11000, 0x1000, 3)
+    errors = []
+
+    def device():
+        try:
+            dev.dma.read(0x10FF0, 0x20)
+        except (DmaAborted, DmaUnmapped) as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=device)
+    t.start()
+    msg = client.receive(timeout=2)
+    assert msg.cmd == Command.DMA_READ  # the first piece waits for us
+    started = time.monotonic()
+    client.dma_unmap(0x11000, 0x1000)
+    assert time.monotonic() - started < 0.5
+    client.serve_request(msg)  # answer the first piece: the second is gone
+    t.join(5)
+    assert errors and "unmapped during the transfer" in str(errors[0])
+    assert client.config_read(0) == 0xBEEF1234
+
+
+def test_bus_master_turned_off_mid_transfer_stops_it(serve):
+    """A 96 KiB message-mode read takes two DMA_READs (64 KiB chunks); the driver turns bus
+    mastering off after the first: the second is never sent."""
+    dev = ProbeDevice()
+    server = serve(dev)
+    guest = GuestMemory(0x10000, 0x20000)
+    with Client.connect(server.path, dma_handler=guest) as client:
+        client.config_write(0x04, 0x0004, 2)
+        client.dma_map(0x10000, 0x20000, 3)
+        errors = []
+
+        def device():
+            try:
+                dev.dma.read(0x10000, 0x18000)
+            except DmaBusMasterDisabled as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=device)
+        t.start()
+        first = client.receive(timeout=2)
+        assert first.cmd == Command.DMA_READ
+        client.config_write(0x04, 0x0000, 2)  # bus mastering off
+        client.serve_request(first)
+        t.join(5)
+        assert errors and len(guest.requests) == 1 and guest.requests[0][2] == 0x10000

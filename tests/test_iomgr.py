@@ -455,6 +455,7 @@ def test_pio_and_mmio_are_separate_spaces():
         MmioAddressRange((1 << 64) - 1, 2),
         PioAddressRange(0xFFF0, 0x20),
         PioAddressRange(-1, 2),
+        PioAddressRange(0, 0x10000),  # PioSize is 16 bits
     ],
 )
 def test_strict_empty_and_overflowing_ranges_rejected(res):

@@ -159,6 +159,8 @@ def test_no_rom_sizes_to_zero():
 
 def test_bar_declaration_errors():
     dev = Plain()
+    with pytest.raises(BarError, match="ROM"):
+        RomBar(b"", size=2 << 20)  # QEMU reads a ROM in one message of at most 1 MiB
     with pytest.raises(BarError):
         IoBar(512)  # PCI caps I/O BARs at 256 bytes
     with pytest.raises(BarError):
@@ -312,3 +314,31 @@ def test_make_device_converts_parameters():
 def test_make_device_errors(spec, params, message):
     with pytest.raises(DeviceLoadError, match=message):
         make_device(spec, params)
+
+
+def test_reset_drops_deferred_work_not_yet_started():
+    import time
+
+    dev = ProbeDevice()
+    dev.realize()
+    ran = []
+    dev.defer(ran.append, "late", delay=0.2)
+    dev.device_reset()
+    time.sleep(0.4)
+    assert ran == []
+    dev.defer(ran.append, "after reset")
+    assert dev.worker.wait_idle(2) and ran == ["after reset"]
+
+
+def test_a_model_may_keep_deferred_work_across_reset():
+    import time
+
+    from devices.edu import Edu
+
+    dev = Edu(dma_delay_ms=0)
+    dev.realize()
+    ran = []
+    dev.defer(ran.append, "survives", delay=0.1)
+    dev.device_reset()
+    time.sleep(0.3)
+    assert ran == ["survives"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import json
-import select
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +45,7 @@ from .protocol import (
     describe,
     parse_region_caps,
 )
-from .transport import Transport, close_fds as _close_fds
+from .transport import Transport, close_fds as _close_fds, wait_readable
 
 __all__ = ["Client", "Message", "RegionInfoResult", "DEFAULT_CLIENT_CAPS"]
 
@@ -179,8 +178,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready, _, _ = select.select([self.transport.sock], [], [], left)
-            if not ready:
+            if not wait_readable(self.transport.sock, left):
                 return None
 
     def wait_reply(self, msg_id: int, cmd: int, timeout: float | None = None) -> Message:

@@ -39,8 +39,9 @@ __all__ = ["DmaRegion", "DmaMappings"]
 
 log = logging.getLogger(__name__)
 
-#: How long an unmap waits for in-place copies on its range.
-UNMAP_WAIT = 5.0
+#: How long an unmap waits for in-place copies on its range (they take microseconds;
+#: the bound keeps a stuck worker from holding the server loop near QEMU's 5 s timeout).
+UNMAP_WAIT = 1.0
 
 
 @dataclass(eq=False)
@@ -166,10 +167,19 @@ class DmaMappings:
             prot |= mmap.PROT_WRITE
         if not prot:
             return
-        # mmap needs a page-aligned file offset: map from the page start and skip the slack.
-        slack = offset % mmap.ALLOCATIONGRANULARITY
+        # mmap needs an offset aligned to the file's page size (4 KiB, or the huge page size on
+        # hugetlbfs): map from the page start, skip the slack, round the length up.
+        align = mmap.ALLOCATIONGRANULARITY
         try:
-            m = mmap.mmap(fd, region.size + slack, flags=mmap.MAP_SHARED, prot=prot, offset=offset - slack)
+            blksize = os.fstat(fd).st_blksize
+            if blksize > align and blksize & (blksize - 1) == 0:
+                align = blksize
+        except OSError:
+            pass
+        slack = offset % align
+        length = -(-(region.size + slack) // align) * align
+        try:
+            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset - slack)
         except (OSError, ValueError) as exc:
             log.warning("cannot mmap DMA range [%#x, +%#x) (fd offset %#x): %s; using DMA messages",
                         region.addr, region.size, offset, exc)

@@ -184,8 +184,13 @@ class IrqState:
                 raise BadIrqRequest("an unmask eventfd is only defined for INTx")
             self._drop_resample()
             if fds:
-                self.resample_fd = fds.pop(0)
-                self._watch(self.resample_fd)
+                fd = fds.pop(0)
+                try:
+                    self._watch(fd)
+                except (OSError, ValueError) as exc:
+                    _close(fd)
+                    raise BadIrqRequest(f"the INTx resample fd cannot be polled: {exc}") from None
+                self.resample_fd = fd
             return
         for vec in self._selected(dtype, start, count, data):
             self.masked[index][vec] = False

@@ -28,17 +28,21 @@ import selectors
 import socket
 import stat
 import threading
+import time
 
 from devices.pci import PciDevice
 
 from .endpoint import DeviceEndpoint
-from .errors import ConnectionClosed, VfioUserError
+from .errors import VfioUserError
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
 from .session import ServerCapabilities, Session
 
 __all__ = ["Server", "SocketInUse", "serve_in_thread"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a second client may take to send its first header before it is dropped.
+BUSY_CLIENT_DEADLINE = 5.0
 
 
 class SocketInUse(VfioUserError):
@@ -109,6 +113,7 @@ class Server:
         self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._watched: dict[int, object] = {}
+        self._busy: dict[socket.socket, tuple[float, bytearray]] = {}
         self._idle = threading.Event()
         self._idle.set()
         log.info("serving %r on %s (%s)", device, self.path, self.endpoint.describe_regions())
@@ -122,15 +127,31 @@ class Server:
         return json.dumps(spec, separators=(",", ":"))
 
     def serve_forever(self) -> None:
-        """Accept and serve clients until :meth:`stop`."""
+        """Accept and serve clients until :meth:`stop`.
+
+        Nothing a client does ends this loop: an unexpected exception while
+        serving a connection is logged and ends that connection only.
+        """
         try:
             while not self._stopping:
-                for key, _ in self._sel.select():
-                    key.data(key.fileobj)
+                for key, _ in self._sel.select(timeout=1.0):
+                    try:
+                        key.data(key.fileobj)
+                    except Exception:
+                        log.exception("unexpected error serving %r; dropping that connection", key.fileobj)
+                        self._drop(key.fileobj)
                     if self._stopping:
                         break
+                self._reap_busy()
         finally:
             self._end_session()
+
+    def _drop(self, fileobj) -> None:
+        session = self.session
+        if session is not None and fileobj is session.transport.sock:
+            self._end_session()
+        elif fileobj in self._busy:
+            self._close_busy(fileobj)
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (safe from other threads and signal handlers)."""
@@ -150,6 +171,8 @@ class Server:
             return
         self._closed = True
         self._end_session()
+        for conn in list(self._busy):
+            self._close_busy(conn)
         for obj in (self._listener,):
             try:
                 self._sel.unregister(obj)
@@ -192,6 +215,8 @@ class Server:
             return
         if self.session is not None:
             log.warning("a second client connected while %s is served; answering EBUSY", self.session.name)
+            conn.setblocking(False)
+            self._busy[conn] = (time.monotonic() + BUSY_CLIENT_DEADLINE, bytearray())
             self._sel.register(conn, selectors.EVENT_READ, self._on_busy_client)
             return
         self.sessions_served += 1
@@ -226,19 +251,40 @@ class Server:
 
     def _on_busy_client(self, conn) -> None:
         """Answer the first message of a client that came while another is served, then drop it."""
+        buf = self._busy[conn][1]
         try:
-            data = conn.recv(HEADER_SIZE, socket.MSG_PEEK)
-            if len(data) == HEADER_SIZE:
-                msg_id, cmd, _, flags, _ = HEADER.unpack(data)
-                if flags & MsgFlags.TYPE_MASK == MsgType.COMMAND and not flags & MsgFlags.NO_REPLY:
-                    reply = HEADER.pack(msg_id, cmd, HEADER_SIZE, MsgType.REPLY | MsgFlags.ERROR, errno.EBUSY)
-                    conn.sendall(reply)
-            elif data:
-                return  # wait for a whole header
-        except (OSError, ConnectionClosed):
+            data = conn.recv(HEADER_SIZE - len(buf))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data and len(buf) + len(data) < HEADER_SIZE:
+            buf += data
+            return  # wait for a whole header (or the deadline)
+        if data:
+            msg_id, cmd, _, flags, _ = HEADER.unpack(bytes(buf + data))
+            if flags & MsgFlags.TYPE_MASK == MsgType.COMMAND and not flags & MsgFlags.NO_REPLY:
+                reply = HEADER.pack(msg_id, cmd, HEADER_SIZE, MsgType.REPLY | MsgFlags.ERROR, errno.EBUSY)
+                try:
+                    conn.send(reply)
+                except OSError:
+                    pass
+        self._close_busy(conn)
+
+    def _close_busy(self, conn) -> None:
+        self._busy.pop(conn, None)
+        try:
+            self._sel.unregister(conn)
+        except (KeyError, ValueError):
             pass
-        self._sel.unregister(conn)
         conn.close()
+
+    def _reap_busy(self) -> None:
+        now = time.monotonic()
+        for conn, (deadline, _) in list(self._busy.items()):
+            if now > deadline:
+                log.warning("a waiting second client sent no header within %ss; dropped", BUSY_CLIENT_DEADLINE)
+                self._close_busy(conn)
 
     # -- extra fds a session wants polled (INTx resample eventfd) ----------------
 

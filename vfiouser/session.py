@@ -35,10 +35,11 @@ import errno
 import json
 import logging
 import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from devices.pci import RegionAccessError
-from devices.pci.dma import DmaAborted, DmaUnavailable, DmaWouldDeadlock
+from devices.pci.dma import DmaAborted, DmaBusMasterDisabled, DmaError, DmaUnavailable, DmaWouldDeadlock
 
 from .dma import DmaMappings
 from .endpoint import DeviceEndpoint
@@ -86,6 +87,8 @@ log = logging.getLogger(__name__)
 MAX_WRITE_MULTI = 200
 #: Most bytes in one REGION_WRITE_MULTI write.
 MULTI_WRITE_MAX_DATA = 8
+#: Most bytes one DMA_READ asks for (see Session._dma_chunk).
+DMA_READ_CHUNK = 64 * 1024
 
 
 _REPLY = int(MsgType.REPLY)
@@ -286,19 +289,16 @@ class Session:
             self.state = SessionState.CLOSED
             return False
         except FramingError as exc:
-            self.log.error("unframeable input, dropping the connection: %s", exc)
-            if exc.raw and len(exc.raw) >= HEADER_SIZE:
-                msg_id, cmd, _, flags, _ = HEADER.unpack_from(exc.raw)
-                if flags & _TYPE_MASK == MsgType.COMMAND and not flags & _NO_REPLY:
-                    self._queue_error(msg_id, cmd, exc.errno)
-            self._flush()
-            self.state = SessionState.CLOSED
+            self._framing_failed(exc)
             return False
         self._loop_thread = threading.get_ident()
         worker = self.model.worker
         worker.hold()  # deferred work starts only once these requests are answered
         try:
             for frame in frames:
+                if self.state is SessionState.CLOSED:  # e.g. a failed VERSION: nothing after it runs
+                    close_fds(frame.fds)
+                    continue
                 self._dispatch(frame)
             self._flush()
         except ConnectionClosed as exc:
@@ -306,14 +306,29 @@ class Session:
             self.state = SessionState.CLOSED
         finally:
             worker.release()
+        if self.transport.framing_error is not None and self.state is not SessionState.CLOSED:
+            self._framing_failed(self.transport.framing_error)
         return self.state is not SessionState.CLOSED
+
+    def _framing_failed(self, exc: FramingError) -> None:
+        """The stream cannot be framed any more: answer the bad header if we can, then hang up."""
+        self.log.error("unframeable input, dropping the connection: %s", exc)
+        if exc.raw and len(exc.raw) >= HEADER_SIZE:
+            msg_id, cmd, _, flags, _ = HEADER.unpack_from(exc.raw)
+            if flags & _TYPE_MASK == MsgType.COMMAND and not flags & _NO_REPLY:
+                self._queue_error(msg_id, cmd, exc.errno)
+        try:
+            self._flush()
+        except ConnectionClosed:
+            pass
+        self.state = SessionState.CLOSED
 
     # -- dispatch ------------------------------------------------------------------
 
     def _dispatch(self, frame: Frame) -> None:
         msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
         if self.tracer is not None and payload is not None:
-            self.tracer.record("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
+            self._trace("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
         if self._verbose:
             self.log.debug("<<< %s", describe(cmd, flags, payload if payload is not None else b"",
                                               msg_id=msg_id, nfds=len(fds)))
@@ -327,7 +342,7 @@ class Session:
                 raise MalformedMessage(f"unknown message type {mtype} in flags {flags:#x}")
             if payload is None:
                 raise MessageTooLarge(f"{msg_size}-byte message exceeds the {self.transport.max_msg_size}-byte limit")
-            if self.state is SessionState.NEGOTIATING and cmd != Command.VERSION:
+            if self.state is not SessionState.RUNNING and cmd != Command.VERSION:
                 raise NegotiationError(f"{command_name(cmd)} before VERSION", raw=bytes(payload[:64]))
             handler = self._handlers.get(cmd)
             if handler is None:
@@ -375,7 +390,7 @@ class Session:
             if self._verbose:
                 self.log.debug(">>> %s", describe(cmd, _REPLY, payload, msg_id=msg_id, nfds=len(fds)))
             if self.tracer is not None:
-                self.tracer.record("out", header + payload, len(fds))
+                self._trace("out", header + payload, len(fds))
         if fds:
             self._flush()
             self.transport.send([header, *parts], fds)
@@ -388,8 +403,15 @@ class Session:
         if self._verbose:
             self.log.debug(">>> %s #%d reply ERROR %s", command_name(cmd), msg_id, errno.errorcode.get(err, err))
         if self.tracer is not None:
-            self.tracer.record("out", header, 0)
+            self._trace("out", header, 0)
         self._out.append(header)
+
+    def _trace(self, direction: str, msg: bytes, nfds: int) -> None:
+        try:
+            self.tracer.record(direction, msg, nfds)
+        except Exception as exc:  # a full disk must not take the device down
+            self.log.error("message trace failed (%s); tracing stops", exc)
+            self.tracer = None
 
     def _flush(self) -> None:
         if self._out:
@@ -636,7 +658,7 @@ class Session:
             if self._verbose:
                 self.log.debug(">>> %s", describe(cmd, 0, payload, msg_id=msg_id))
             if self.tracer is not None:
-                self.tracer.record("out", header + payload, 0)
+                self._trace("out", header + payload, 0)
             try:
                 self.transport.send([header, payload])
             except ConnectionClosed as exc:
@@ -658,57 +680,91 @@ class Session:
         for waiter in waiters:
             waiter.fail(DmaAborted(f"DMA range [{region.addr:#x}, +{region.size:#x}) was unmapped during the transfer"))
 
-    def _dma_chunk(self) -> int:
-        return max(1, min(self.client_caps.max_data_xfer_size, self.caps.max_data_xfer_size))
+    def _dma_chunk(self, cmd: int) -> int:
+        chunk = min(self.client_caps.max_data_xfer_size, self.caps.max_data_xfer_size)
+        if cmd == Command.DMA_READ:
+            # QEMU 11.1.3 sends a reply with one writev and treats a partial write as done, so
+            # a reply larger than its socket buffer (~200 KiB) arrives truncated and the stream
+            # is lost. Keep read replies well below that.
+            chunk = min(chunk, DMA_READ_CHUNK)
+        return max(1, chunk)
 
     def _check_dma_thread(self, addr: int, size: int) -> None:
         if threading.get_ident() == self._loop_thread:
             raise DmaWouldDeadlock("DMA from the server loop (a request handler); defer it", addr, size)
 
+    def _check_bus_master(self, addr: int, size: int) -> None:
+        if not self.model.bus_master_enabled():
+            raise DmaBusMasterDisabled("bus mastering was turned off during the transfer", addr, size)
+
+    def _pieces(self, addr: int, size: int, write: bool):
+        """Check the whole range is mapped with the right rights, then yield ``(region, offset,
+        length)`` one piece at a time, each pinned only while it is in use. An unmap never waits
+        for a piece that is not being copied, and fails the message a piece is waiting for."""
+        self.dma.release(self.dma.acquire(addr, size, write))  # all or nothing, before any byte moves
+        pos, end = addr, addr + size
+        while pos < end:
+            try:
+                pinned = self.dma.acquire(pos, 1, write)
+            except DmaError as exc:
+                raise DmaAborted(f"guest memory at {pos:#x} was unmapped during the transfer", addr, size) from exc
+            region = pinned[0][0]
+            length = min(end, region.end) - pos
+            try:
+                yield region, pos - region.addr, length
+            finally:
+                self.dma.release(pinned)
+            pos += length
+
     def dma_read(self, addr: int, size: int) -> bytes:
         """Read guest memory for the device: in place if mmapped, else with DMA_READ messages."""
         self._check_dma_thread(addr, size)
-        pieces = self.dma.acquire(addr, size, write=False)
-        try:
-            out = bytearray()
-            for region, offset, length in pieces:
-                if region.mem is not None:
-                    out += region.mem[offset : offset + length]
-                    continue
-                chunk = self._dma_chunk()
-                for pos in range(0, length, chunk):
-                    n = min(chunk, length - pos)
-                    where = region.addr + offset + pos
-                    reply = self._request(Command.DMA_READ, DMA_ACCESS.pack(where, n), region)
-                    if len(reply) != DMA_ACCESS.size + n or DMA_ACCESS.unpack_from(reply) != (where, n):
-                        raise DmaAborted(f"DMA_READ reply does not match the request ({len(reply)} bytes)", where, n)
-                    out += reply[DMA_ACCESS.size :]
-            return bytes(out)
-        finally:
-            self.dma.release(pieces)
+        out = bytearray()
+        with closing(self._pieces(addr, size, write=False)) as pieces:
+            self._read_pieces(pieces, addr, size, out)
+        return bytes(out)
+
+    def _read_pieces(self, pieces, addr: int, size: int, out: bytearray) -> None:
+        for region, offset, length in pieces:
+            self._check_bus_master(addr, size)
+            if region.mem is not None:
+                out += region.mem[offset : offset + length]
+                continue
+            chunk = self._dma_chunk(Command.DMA_READ)
+            for pos in range(0, length, chunk):
+                self._check_bus_master(addr, size)
+                n = min(chunk, length - pos)
+                where = region.addr + offset + pos
+                reply = self._request(Command.DMA_READ, DMA_ACCESS.pack(where, n), region)
+                if len(reply) != DMA_ACCESS.size + n or DMA_ACCESS.unpack_from(reply) != (where, n):
+                    raise DmaAborted(f"DMA_READ reply does not match the request ({len(reply)} bytes)", where, n)
+                out += reply[DMA_ACCESS.size :]
 
     def dma_write(self, addr: int, data: bytes) -> None:
         """Write guest memory for the device: in place if mmapped, else with DMA_WRITE messages."""
         self._check_dma_thread(addr, len(data))
-        pieces = self.dma.acquire(addr, len(data), write=True)
-        try:
-            pos = 0
-            for region, offset, length in pieces:
-                part = memoryview(data)[pos : pos + length]
-                pos += length
-                if region.mem is not None:
-                    region.mem[offset : offset + length] = part
-                    continue
-                chunk = self._dma_chunk()
-                for sub in range(0, length, chunk):
-                    n = min(chunk, length - sub)
-                    where = region.addr + offset + sub
-                    reply = self._request(Command.DMA_WRITE, DMA_ACCESS.pack(where, n) + part[sub : sub + n], region)
-                    # QEMU 11.1.3 echoes (addr, count); older clients reply with the header only.
-                    if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (where, n)):
-                        raise DmaAborted("DMA_WRITE reply does not match the request", where, n)
-        finally:
-            self.dma.release(pieces)
+        with closing(self._pieces(addr, len(data), write=True)) as pieces:
+            self._write_pieces(pieces, addr, data)
+
+    def _write_pieces(self, pieces, addr: int, data: bytes) -> None:
+        view = memoryview(data)
+        pos = 0
+        for region, offset, length in pieces:
+            self._check_bus_master(addr, len(data))
+            part = view[pos : pos + length]
+            pos += length
+            if region.mem is not None:
+                region.mem[offset : offset + length] = part
+                continue
+            chunk = self._dma_chunk(Command.DMA_WRITE)
+            for sub in range(0, length, chunk):
+                self._check_bus_master(addr, len(data))
+                n = min(chunk, length - sub)
+                where = region.addr + offset + sub
+                reply = self._request(Command.DMA_WRITE, DMA_ACCESS.pack(where, n) + part[sub : sub + n], region)
+                # QEMU 11.1.3 echoes (addr, count); older clients reply with the header only.
+                if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (where, n)):
+                    raise DmaAborted("DMA_WRITE reply does not match the request", where, n)
 
     # -- teardown --------------------------------------------------------------------------
 

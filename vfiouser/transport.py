@@ -12,8 +12,9 @@ each message, fds attached, in one ``sendmsg``. So the fds of a receive belong
 to the **last message that starts in the bytes of that receive**. Fds that do
 not fit that rule (a peer sending fds mid-message) are closed and logged.
 
-A header whose ``msg_size`` is below 16 cannot be framed: :class:`FramingError`
-(the caller answers and drops the connection). A message larger than
+A header whose ``msg_size`` is below 16 cannot be framed: the messages before
+it are still returned, and :attr:`Transport.framing_error` is set (the caller
+answers and drops the connection); the next :meth:`Transport.receive` raises it. A message larger than
 ``max_msg_size`` is skipped without being buffered and reported as an
 *oversized* frame (its payload is ``None``), so the caller can answer it with
 an error and go on.
@@ -36,7 +37,7 @@ from typing import NamedTuple
 from .errors import ConnectionClosed, FramingError
 from .protocol import HEADER, HEADER_SIZE
 
-__all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE", "close_fds"]
+__all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE", "close_fds", "wait_readable"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ MAX_FDS_PER_MESSAGE = 253
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 _MIN_CHUNK = 64 * 1024
 _SEND_TIMEOUT = 10.0
+#: Buffers per sendmsg (the kernel refuses more than IOV_MAX, 1024 on Linux).
+_IOV_GROUP = 512
 
 
 class Frame(NamedTuple):
@@ -58,6 +61,20 @@ class Frame(NamedTuple):
     error_no: int
     payload: memoryview | None
     fds: list[int]
+
+
+def _wait_writable(sock, timeout: float) -> bool:
+    """Wait until ``sock`` can take more data (poll: fine with fd numbers above 1023)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
+
+
+def wait_readable(sock, timeout: float) -> bool:
+    """Wait until ``sock`` has data (or EOF); poll-based, fine with any fd number."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 def close_fds(fds) -> None:
@@ -85,6 +102,8 @@ class Transport:
         # (first stream offset, end stream offset, fds) of receives that carried fds
         self._fd_chunks: deque[tuple[int, int, list[int]]] = deque()
         self._send_lock = threading.Lock()
+        #: set when the stream could not be framed any further (see the module docstring)
+        self.framing_error: FramingError | None = None
         self.closed = False
 
     # -- receiving ---------------------------------------------------------------
@@ -99,6 +118,8 @@ class Transport:
         :class:`ConnectionClosed` at end of stream and :class:`FramingError`
         when the stream cannot be framed.
         """
+        if self.framing_error is not None:
+            raise self.framing_error
         self._make_room()
         view = memoryview(self._buf)[self._end :]
         try:
@@ -164,7 +185,11 @@ class Transport:
             start = self._start
             msg_id, cmd, size, flags, error_no = HEADER.unpack_from(buf, start)
             if size < HEADER_SIZE:
-                raise FramingError(f"msg_size {size} is smaller than the header", raw=bytes(buf[start : start + 16]))
+                self.framing_error = FramingError(f"msg_size {size} is smaller than the header",
+                                                  raw=bytes(buf[start : start + 16]))
+                if not frames:
+                    raise self.framing_error
+                break  # hand over what came before; the error surfaces next
             stream_start = self._base + start
             fds = self._fds_for(stream_start, size)
             if size > self.max_msg_size:
@@ -214,11 +239,11 @@ class Transport:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._send_lock:
             while views:
+                group = views[:_IOV_GROUP]
                 try:
-                    sent = self.sock.sendmsg(views, anc)
+                    sent = self.sock.sendmsg(group, anc)
                 except (BlockingIOError, InterruptedError):
-                    _, writable, _ = select.select([], [self.sock], [], _SEND_TIMEOUT)
-                    if not writable:
+                    if not _wait_writable(self.sock, _SEND_TIMEOUT):
                         raise ConnectionClosed("peer stopped reading (send timed out)") from None
                     continue
                 except OSError as exc:

@@ -2,7 +2,8 @@
 
 * :class:`IoBar` - port I/O space, 4 to 256 bytes (PCI 3.0 §6.2.5.1 caps I/O BARs at 256);
 * :class:`MemoryBar` - memory space, 32- or 64-bit, optionally prefetchable, >= 16 bytes;
-* :class:`RomBar` - the expansion ROM (BAR at 0x30), >= 2 KiB, read-only contents.
+* :class:`RomBar` - the expansion ROM (BAR at 0x30), 2 KiB to 1 MiB, read-only contents
+  (QEMU reads a whole ROM in one message, which may not exceed 1 MiB).
 
 Sizes are powers of two. A BAR is given to :meth:`devices.pci.PciDevice.add_bar`,
 which programs its register in config space (type bits read-only, address bits
@@ -31,6 +32,8 @@ __all__ = ["Bar", "IoBar", "MemoryBar", "RomBar", "BarError", "MAX_IO_BAR_SIZE"]
 
 #: Largest I/O BAR (PCI Local Bus Specification 3.0, §6.2.5.1).
 MAX_IO_BAR_SIZE = 256
+#: Largest expansion ROM: QEMU reads the whole ROM in one REGION_READ, at most max_data_xfer_size (1 MiB).
+MAX_ROM_SIZE = 1 << 20
 
 
 class BarError(ValueError):
@@ -171,7 +174,7 @@ class RomBar(Bar):
     def __init__(self, data: bytes, size: int | None = None) -> None:
         if size is None:
             size = max(0x800, 1 << max(0, len(data) - 1).bit_length())
-        _check_pow2("ROM", size, 0x800, 1 << 24)
+        _check_pow2("ROM", size, 0x800, MAX_ROM_SIZE)
         if len(data) > size:
             raise BarError(f"ROM data ({len(data)} bytes) does not fit in {size:#x} bytes")
         super().__init__(size)

@@ -219,6 +219,9 @@ class PciDevice(DeviceIo):
     config_size: int = PCI_CONFIG_SPACE_SIZE
     #: Guest-writable bits of the command register.
     command_wmask: int = _COMMAND_WMASK
+    #: Whether a reset drops deferred work that has not started yet (a function-level reset
+    #: stops what the device was about to do; a model that must not, like QEMU's edu, says False).
+    reset_cancels_deferred: bool = True
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -561,10 +564,15 @@ class PciDevice(DeviceIo):
     # -- reset ------------------------------------------------------------------
 
     def device_reset(self) -> None:
-        """Function-level reset, as a backend delivers it: config space back to its
-        reset state (MSI and MSI-X disabled, nothing pending), INTx deasserted,
-        then the model's :meth:`reset`."""
+        """Function-level reset, as a backend delivers it: deferred work not yet
+        started is dropped (see :attr:`reset_cancels_deferred`), config space goes
+        back to its reset state (MSI and MSI-X disabled, nothing pending), INTx is
+        deasserted, then the model's :meth:`reset` runs."""
         with self.lock:
+            if self.reset_cancels_deferred:
+                dropped = self.worker.cancel_pending()
+                if dropped:
+                    self.log.debug("reset dropped %d deferred task(s)", dropped)
             self.config.reset()
             if self.msi is not None:
                 self.msi.reset()

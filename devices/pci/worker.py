@@ -107,6 +107,15 @@ class DeviceWorker:
                 self._cond.wait(min(left, 0.05))
             return True
 
+    def cancel_pending(self) -> int:
+        """Drop the tasks that have not started (a reset); returns how many. A running task finishes."""
+        with self._cond:
+            dropped = len(self._tasks) + len(self._held)
+            self._tasks.clear()
+            self._held.clear()
+            self._cond.notify_all()
+            return dropped
+
     def stop(self, timeout: float = 5.0) -> None:
         """Drop pending tasks and stop the thread (a running task finishes first)."""
         with self._cond:
