@@ -1,0 +1,193 @@
+"""MSI and MSI-X: the framework's capabilities, driven by the Python client playing QEMU.
+
+QEMU's sequences (see the reference, §6): enabling writes the capability, disables
+INTx, then installs eventfds with SET_IRQS (MSI: all vectors; MSI-X: vector 0
+without an fd, then one vector per unmasked table entry).
+"""
+
+import errno
+import os
+import time
+
+import pytest
+
+from vfiouser.client import Client
+from vfiouser.errors import ErrorReply
+from vfiouser.protocol import IrqIndex, IrqInfoFlags, IrqSetFlags
+
+from .vector_probe import VectorProbe
+
+EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
+MSI_CAP = 0x40  # first capability
+MSIX_CAP = 0x58  # after the 24-byte MSI capability
+
+
+def eventfd():
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def fired(fd, timeout=0.5) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return 0
+            time.sleep(0.005)
+
+
+@pytest.fixture
+def probe(serve):
+    dev = VectorProbe()
+    server = serve(dev)
+    with Client.connect(server.path) as c:
+        c.config_write(0x04, 0x0006, 2)  # memory + bus master
+        yield dev, c
+
+
+def doorbell(c, offset, value):
+    c.region_write(2, offset, value.to_bytes(4, "little"))
+
+
+def test_capabilities_and_irq_info(probe):
+    dev, c = probe
+    assert c.config_read(MSI_CAP, 1) == 0x05 and c.config_read(MSI_CAP + 1, 1) == MSIX_CAP
+    assert c.config_read(MSI_CAP + 2, 2) == 0x0184  # MMC=2 (4 vectors), 64-bit, per-vector masking
+    assert c.config_read(MSIX_CAP, 1) == 0x11
+    assert c.config_read(MSIX_CAP + 2, 2) == 7  # table size - 1
+    assert c.config_read(MSIX_CAP + 4) == 0x000 | 0  # table offset | BIR 0
+    assert c.config_read(MSIX_CAP + 8) == 0x800 | 0
+    assert c.get_irq_info(IrqIndex.MSI) == (IrqInfoFlags.EVENTFD | IrqInfoFlags.NORESIZE, 4)
+    assert c.get_irq_info(IrqIndex.MSIX) == (IrqInfoFlags.EVENTFD, 8)  # never NORESIZE for MSI-X
+
+
+def test_msi_write_masks_and_mme_clamp(probe):
+    dev, c = probe
+    c.config_write(MSI_CAP + 2, 0xFFFF, 2)
+    assert c.config_read(MSI_CAP + 2, 2) == 0x01A5  # enable, MME clamped to MMC (2)
+    c.config_write(MSI_CAP + 4, 0xFFFFFFFF)
+    assert c.config_read(MSI_CAP + 4) == 0xFFFFFFFC
+    c.config_write(MSI_CAP + 0x10, 0xFFFFFFFF)  # mask bits: only 4 vectors
+    assert c.config_read(MSI_CAP + 0x10) == 0xF
+
+
+def enable_msi(c, vectors_log2=2):
+    fds = [eventfd() for _ in range(1 << vectors_log2)]
+    c.config_write(MSI_CAP + 4, 0xFEE00000)
+    c.config_write(MSI_CAP + 0xC, 0x4000, 2)
+    c.config_write(MSI_CAP + 2, (vectors_log2 << 4) | 1, 2)
+    c.set_irqs(IrqIndex.INTX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER, 0, 0)
+    c.set_irqs(IrqIndex.MSI, EVENTFD_TRIGGER, 0, len(fds), fds=fds)
+    return fds
+
+
+def test_msi_vectors_fire_their_eventfd(probe):
+    dev, c = probe
+    fds = enable_msi(c)
+    doorbell(c, 0x04, 3)
+    assert [fired(fd, 0.1) for fd in fds] == [0, 0, 0, 1]
+
+
+def test_msi_masked_vector_is_held_then_sent_on_unmask(probe):
+    dev, c = probe
+    fds = enable_msi(c)
+    c.config_write(MSI_CAP + 0x10, 0b0010)  # mask vector 1
+    doorbell(c, 0x04, 1)
+    assert fired(fds[1], 0.1) == 0
+    assert c.config_read(MSI_CAP + 0x14) == 0b0010  # pending bit
+    c.config_write(MSI_CAP + 0x10, 0)  # unmask
+    assert fired(fds[1]) == 1 and c.config_read(MSI_CAP + 0x14) == 0
+
+
+def test_msi_never_fires_beyond_the_enabled_vectors(probe):
+    """QEMU asserts (and dies) if a vector >= 2**MME is signalled."""
+    dev, c = probe
+    fds = enable_msi(c, vectors_log2=2)
+    c.config_write(MSI_CAP + 2, (0 << 4) | 1, 2)  # MME shrinks to one vector while enabled
+    doorbell(c, 0x04, 2)
+    assert [fired(fd, 0.1) for fd in fds] == [0, 0, 0, 0]
+
+
+def test_msi_needs_enable_and_bus_master(probe):
+    dev, c = probe
+    fds = enable_msi(c)
+    c.config_write(0x04, 0x0002, 2)  # bus mastering off
+    doorbell(c, 0x04, 0)
+    assert fired(fds[0], 0.1) == 0
+    c.config_write(0x04, 0x0006, 2)
+    c.config_write(MSI_CAP + 2, 0x0020, 2)  # MSI off
+    doorbell(c, 0x04, 0)
+    assert fired(fds[0], 0.1) == 0
+
+
+def test_msi_enable_drops_intx(probe):
+    dev, c = probe
+    intx = eventfd()
+    c.set_irqs(IrqIndex.INTX, EVENTFD_TRIGGER, 0, 1, fds=[intx])
+    doorbell(c, 0x08, 1)
+    assert fired(intx) == 1 and dev.intx_level
+    enable_msi(c)
+    assert not dev.intx_level and not c.config_read(0x06, 2) & 0x8
+
+
+def enable_msix(c):
+    c.config_write(MSIX_CAP + 2, 0x8000, 2)
+    c.set_irqs(IrqIndex.INTX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER, 0, 0)
+    c.set_irqs(IrqIndex.MSIX, EVENTFD_TRIGGER, 0, 1)  # "MSI-X on, vector 0 has no eventfd"
+
+
+def pba(c) -> int:
+    return int.from_bytes(c.region_read(0, 0x800, 8), "little")
+
+
+def test_msix_vector_without_eventfd_is_pending_until_one_arrives(probe):
+    dev, c = probe
+    enable_msix(c)
+    doorbell(c, 0x00, 5)
+    assert pba(c) == 1 << 5
+    fd = eventfd()
+    c.set_irqs(IrqIndex.MSIX, EVENTFD_TRIGGER, 5, 1, fds=[fd])  # the guest unmasked entry 5
+    assert fired(fd) == 1 and pba(c) == 0
+
+
+def test_msix_function_mask_holds_vectors(probe):
+    dev, c = probe
+    enable_msix(c)
+    fd = eventfd()
+    c.set_irqs(IrqIndex.MSIX, EVENTFD_TRIGGER, 2, 1, fds=[fd])
+    doorbell(c, 0x00, 2)
+    assert fired(fd) == 1
+    c.config_write(MSIX_CAP + 2, 0xC000, 2)  # function mask
+    doorbell(c, 0x00, 2)
+    assert fired(fd, 0.1) == 0 and pba(c) == 1 << 2
+    c.config_write(MSIX_CAP + 2, 0x8000, 2)
+    assert fired(fd) == 1 and pba(c) == 0
+
+
+def test_msix_disabled_drops_vectors(probe):
+    dev, c = probe
+    doorbell(c, 0x00, 1)
+    assert pba(c) == 0
+    with pytest.raises(ErrorReply) as exc:
+        doorbell(c, 0x00, 8)  # out of range: the model's ValueError becomes EIO
+    assert exc.value.errno == errno.EIO
+
+
+def test_reset_disables_and_forgets_pending(probe):
+    dev, c = probe
+    enable_msix(c)
+    doorbell(c, 0x00, 4)
+    assert pba(c) == 1 << 4
+    c.reset()
+    assert pba(c) == 0 and c.config_read(MSIX_CAP + 2, 2) == 7 and not dev.msix_enabled()
+
+
+def test_msix_table_is_the_devices_own_copy(probe):
+    """QEMU emulates the table itself; a client that forwards table accesses sees the device's copy."""
+    dev, c = probe
+    assert c.region_read(0, 0x0C, 4) == b"\x01\0\0\0"  # vector control: masked at reset
+    c.region_write(0, 0x10, b"\x00\x10\xe0\xfe")
+    assert c.region_read(0, 0x10, 4) == b"\x00\x10\xe0\xfe"
+    c.region_write(0, 0x800, b"\xff" * 8)  # the PBA ignores writes
+    assert pba(c) == 0
