@@ -66,3 +66,45 @@ def qemu_binary() -> str:
         if _qemu_required():
             pytest.fail(f"real-QEMU tests required but {exc}", pytrace=False)
         pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
+
+
+@pytest.fixture(scope="session")
+def guest_assets():
+    """The guest kernel and busybox (scripts/get-guest). Missing assets fail the run in CI."""
+    from vfiouser.guest import GuestAssets, GuestAssetsMissing
+
+    try:
+        return GuestAssets.find()
+    except GuestAssetsMissing as exc:
+        if _qemu_required():
+            pytest.fail(f"guest tests required but {exc}", pytrace=False)
+        pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
+
+
+@pytest.fixture
+def guest(guest_assets, qemu_binary, request):
+    """``guest(script, devices=[...], modules=[...], **kwargs)`` boots a Linux guest; its console
+    is attached to the test report if the test fails."""
+    from vfiouser.guest import Guest
+
+    started = []
+
+    def boot(script, **kwargs):
+        g = Guest(guest_assets, script, qemu=qemu_binary, **kwargs)
+        started.append(g)
+        return g
+
+    request.node._vfiouser_guests = started
+    yield boot
+    for g in started:
+        g.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    guests = getattr(item, "_vfiouser_guests", None)
+    if report.failed and guests:
+        for i, g in enumerate(guests):
+            report.sections.append((f"guest {i} console", g.console or "(nothing printed)"))

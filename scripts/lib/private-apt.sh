@@ -37,3 +37,15 @@ private_apt_get() {
         -o Acquire::Retries=3 \
         "$@"
 }
+
+private_apt_cache() {
+    local dir=$1; shift
+    apt-cache \
+        -o Dir::State="$dir/state" \
+        -o Dir::State::status="$dir/state/status" \
+        -o Dir::Cache="$dir" \
+        -o Dir::Etc::SourceList="$dir/etc/sources.list" \
+        -o Dir::Etc::SourceParts="$dir/etc/sources.list.d" \
+        -o APT::Architecture=amd64 \
+        "$@"
+}

@@ -61,3 +61,12 @@ setup_qemu() {
     export QEMU
     say "using $("$QEMU" --version | head -1) at $QEMU"
 }
+
+setup_guest() {
+    say "fetching the guest kernel and busybox (scripts/get-guest)"
+    if ! VFIOUSER_GUEST=$("$ROOT/scripts/get-guest" --print-dir); then
+        echo "could not obtain the guest kernel (scripts/get-guest failed); the guest tests need it" >&2
+        return 1
+    fi
+    export VFIOUSER_GUEST
+}
