@@ -16,6 +16,7 @@ __all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadErr
 BUILTIN_DEVICES: dict[str, str] = {
     "idio16": "devices.idio16:Idio16",
     "edu": "devices.edu:Edu",
+    "pci-serial": "devices.serial:PciSerial",
 }
 
 
