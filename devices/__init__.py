@@ -17,6 +17,7 @@ BUILTIN_DEVICES: dict[str, str] = {
     "idio16": "devices.idio16:Idio16",
     "edu": "devices.edu:Edu",
     "pci-serial": "devices.serial:PciSerial",
+    "virtio-rng": "devices.virtio.rng:VirtioRng",
 }
 
 

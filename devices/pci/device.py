@@ -362,9 +362,9 @@ class PciDevice(DeviceIo):
         and config space: ``index << 40`` on the MMIO bus. A handler mapped at
         BAR offset ``o`` gets ``base = window + o`` and offsets relative to that.
         """
-        return self._window(index)[0]
+        return self._region_bus_window(index)[0]
 
-    def _window(self, index: int) -> tuple[int, bool]:
+    def _region_bus_window(self, index: int) -> tuple[int, bool]:
         bar = self.bars.get(index)
         if bar is not None and bar.is_io:
             return index * PIO_WINDOW_SIZE, True
@@ -406,7 +406,7 @@ class PciDevice(DeviceIo):
         Unclaimed offsets read as all-ones (logged, never fatal).
         """
         self._check_access(index, offset, len(data))
-        window, is_io = self._window(index)
+        window, is_io = self._region_bus_window(index)
         mgr = self.io.current
         with self.lock:
             try:
@@ -426,7 +426,7 @@ class PciDevice(DeviceIo):
         self._check_access(index, offset, len(data))
         if index == ROM_REGION:
             return
-        window, is_io = self._window(index)
+        window, is_io = self._region_bus_window(index)
         mgr = self.io.current
         with self.lock:
             try:

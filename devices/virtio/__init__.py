@@ -1,0 +1,13 @@
+"""Virtio devices over modern virtio-pci: the transport, split virtqueues, and the models.
+
+* :mod:`devices.virtio.pci` - :class:`VirtioPciDevice`, the virtio 1.x PCI transport;
+* :mod:`devices.virtio.queue` - :class:`SplitQueue`, the device side of a split virtqueue;
+* :mod:`devices.virtio.rng` - :class:`VirtioRng`, an entropy source.
+"""
+
+from .pci import VIRTIO_F_VERSION_1, VirtioPciDevice
+from .queue import Chain, SplitQueue, VirtqueueError
+from .rng import EntropySource, VirtioRng, entropy_stream
+
+__all__ = ["VirtioPciDevice", "VIRTIO_F_VERSION_1", "SplitQueue", "Chain", "VirtqueueError", "VirtioRng",
+           "EntropySource", "entropy_stream"]

@@ -1,0 +1,81 @@
+"""A virtio entropy device (virtio device ID 4, PCI 1af4:1044).
+
+One queue (``requestq``, 64 entries). The driver offers device-writable
+buffers; the device fills each with random bytes, returns it on the used ring
+and signals the queue's MSI-X vector. Linux's ``virtio_rng`` module binds to
+it and feeds ``/dev/hwrng``.
+
+The bytes come from :class:`EntropySource`: the operating system's random
+generator by default, or, with ``seed=N``, a reproducible stream (counter-mode
+SHA-256 of the seed) that does not depend on how the driver slices its reads,
+so a test can predict exactly what the guest reads (:func:`entropy_stream`).
+:attr:`VirtioRng.produced` counts what was handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .pci import VirtioPciDevice
+
+__all__ = ["VirtioRng", "EntropySource", "entropy_stream"]
+
+
+def _block(seed: int, counter: int) -> bytes:
+    return hashlib.sha256(seed.to_bytes(16, "little", signed=True) + counter.to_bytes(8, "little")).digest()
+
+
+def entropy_stream(seed: int, size: int, start: int = 0) -> bytes:
+    """Bytes ``[start, start+size)`` of the stream ``EntropySource(seed)`` produces."""
+    first, last = start // 32, (start + size + 31) // 32
+    blob = b"".join(_block(seed, i) for i in range(first, last))
+    return blob[start - first * 32 : start - first * 32 + size]
+
+
+class EntropySource:
+    """Random bytes: ``os.urandom``, or a reproducible stream when ``seed`` is given."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self.position = 0
+
+    def take(self, size: int) -> bytes:
+        if self.seed is None:
+            data = os.urandom(size)
+        else:
+            data = entropy_stream(self.seed, size, self.position)
+        self.position += size
+        return data
+
+
+class VirtioRng(VirtioPciDevice):
+    """virtio-rng over modern virtio-pci. ``seed``: make the byte stream reproducible."""
+
+    virtio_device_id = 4
+    queue_sizes = (64,)
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
+        self.source = EntropySource(seed)
+        #: Bytes handed to the guest so far.
+        self.produced = 0
+
+    def queue_kick(self, queue) -> None:
+        served = 0
+        while True:
+            with self.lock:
+                generation = self.generation
+            chain = queue.pop()
+            if chain is None:
+                break
+            data = self.source.take(chain.writable_size)
+            self.dma.write_sg(chain.writable, data)
+            with self.lock:
+                if generation != self.generation:
+                    return  # reset meanwhile: the buffers are no longer ours
+                self.produced += len(data)
+            queue.push(chain, len(data))  # DMA: never with the lock held
+            served += 1
+        if served and queue.wants_interrupt():
+            self.notify_used(queue)
