@@ -41,7 +41,7 @@ BAR0: 1 MiB, 32-bit memory
 
 Interrupts
     Raising ORs bits into the interrupt status; while it is non-zero the device
-    asserts INTx, or, with MSI enabled, sends its MSI vector on every raise.
+    asserts INTx, or, with MSI enabled, signals its MSI vector on every raise.
     Acknowledging clears bits; INTx drops when the status reaches zero.
 
 DMA engine
@@ -50,8 +50,10 @@ DMA engine
     ``count`` bytes between guest RAM and the buffer; the buffer side must lie
     inside 0x40000-0x41000, else nothing is copied (the transfer still
     completes and interrupts). The RAM-side address is masked with
-    ``dma_mask`` (default 0x0fffffff). RAM that cannot be reached reads as
-    zeros and swallows writes, as does everything while bus mastering is off.
+    ``dma_mask`` (default 0x0fffffff). The RAM side behaves like QEMU's bus:
+    bytes that are not mapped (or not writable, such as the BIOS shadow above
+    0xc0000) read as zeros and swallow writes, the rest of the transfer goes
+    through; with bus mastering off, nothing is read or written at all.
     The transfer runs ``dma_delay_ms`` (default 100, as QEMU's virtual-clock
     timer) after the command is written.
 
@@ -65,12 +67,14 @@ Differences a guest can time but not see
     triggering write is answered, and a transfer after ``dma_delay_ms`` of
     real time: a vfio-user server cannot read QEMU's virtual clock. Drivers
     poll the status/command registers or wait for the interrupt, which behave
-    the same.
+    the same. Two MSI raises in quick succession may reach the guest as one
+    message, as QEMU reads the eventfd once per wake-up (the interrupt status
+    register shows both).
 """
 
 from __future__ import annotations
 
-from devices.pci import INTA, DmaError, DmaUnmapped, MemoryBar, PciDevice
+from devices.pci import INTA, DmaError, MemoryBar, PciDevice
 
 __all__ = ["Edu"]
 
@@ -242,33 +246,19 @@ class Edu(PciDevice):
         return end >= start and start >= DMA_START and end <= DMA_START + DMA_SIZE
 
     def _read_ram(self, addr: int, count: int) -> bytes:
-        """Guest RAM as edu's bus sees it: unreachable bytes read as zeros."""
+        """Guest RAM as edu's bus sees it: what cannot be read reads as zeros."""
         try:
-            return self.dma.read(addr, count)
-        except DmaUnmapped:
-            # Partly mapped: take what is there, byte by byte (map edges need not be page-aligned).
-            out = bytearray(count)
-            for i in range(count):
-                try:
-                    out[i] = self.dma.read(addr + i, 1)[0]
-                except DmaUnmapped:
-                    pass
-            return bytes(out)
-        except DmaError:  # no bus mastering, no client, aborted: nothing arrives
+            return self.dma.read_available(addr, count)
+        except DmaError as exc:  # no bus mastering, no client, aborted: nothing arrives
+            self.log.debug("DMA read of %#x+%#x: %s; zeros", addr, count, exc)
             return bytes(count)
 
     def _write_ram(self, addr: int, data: bytes) -> None:
-        """Guest RAM as edu's bus sees it: writes to unreachable bytes vanish."""
+        """Guest RAM as edu's bus sees it: writes where nothing writable is mapped vanish."""
         try:
-            self.dma.write(addr, data)
-        except DmaUnmapped:
-            for i, byte in enumerate(data):
-                try:
-                    self.dma.write(addr + i, bytes([byte]))
-                except DmaUnmapped:
-                    pass
-        except DmaError:
-            pass
+            self.dma.write_available(addr, data)
+        except DmaError as exc:
+            self.log.debug("DMA write of %#x+%#x: %s; dropped", addr, len(data), exc)
 
     def _run_dma(self) -> None:
         with self.lock:
@@ -280,16 +270,18 @@ class Edu(PciDevice):
             ok = self._buffer_range_ok(buffer_side, count)
             if ok and to_ram:
                 data = bytes(self.buffer[src - DMA_START : src - DMA_START + count])
-        if not ok:
-            self.log.warning("DMA range %#x+%#x is outside the buffer (0x40000-0x40fff); nothing copied",
-                             buffer_side, count)
-        elif to_ram:
-            self._write_ram(dst & self.dma_mask, data)
-        else:
-            data = self._read_ram(src & self.dma_mask, count)
+        try:
+            if not ok:
+                self.log.warning("DMA range %#x+%#x is outside the buffer (0x40000-0x40fff); nothing copied",
+                                 buffer_side, count)
+            elif to_ram:
+                self._write_ram(dst & self.dma_mask, data)
+            else:
+                data = self._read_ram(src & self.dma_mask, count)
+                with self.lock:
+                    self.buffer[dst - DMA_START : dst - DMA_START + count] = data
+        finally:  # whatever happened, the transfer is over: never leave the engine busy
             with self.lock:
-                self.buffer[dst - DMA_START : dst - DMA_START + count] = data
-        with self.lock:
-            self.dma_cmd &= ~DMA_RUN
-            if self.dma_cmd & DMA_IRQ_ON_DONE:
-                self._raise_irq(DMA_IRQ)
+                self.dma_cmd &= ~DMA_RUN
+                if self.dma_cmd & DMA_IRQ_ON_DONE:
+                    self._raise_irq(DMA_IRQ)

@@ -199,6 +199,21 @@ def run(vm) -> list[tuple[str, object]]:
     r.note("ram untouched by bad range", vm.memread(RAM_OUT + 0x180, 32).hex())
     r.step("ack bad-range irq", lambda: vm.writel(BAR + 0x64, 0x100))
     r.step("dma empty at the end", lambda: hex(_dma(vm, 0x41000, RAM_OUT + 0x1C0, 0, 0x3)))
+    # The RAM side clamped on the source too: 256 MiB + RAM_PATTERN reads RAM_PATTERN.
+    r.step("dma clamped source", lambda: hex(_dma(vm, 0x1000_0000 | RAM_PATTERN, 0x40C00, 64, 0x1)))
+    r.step("dma clamped source back out", lambda: hex(_dma(vm, 0x40C00, RAM_OUT + 0x400, 64, 0x3)))
+    r.note("buffer from clamped source", vm.memread(RAM_OUT + 0x400, 64).hex())
+    # Buffer -> RAM across 0xc0000: QEMU maps [0, 0xc0000) writable and the BIOS shadow above it
+    # read-only; the bus writes the RAM half and drops the rest.
+    vm.memwrite(0xBF800, b"\xee" * 0x800)
+    rom_before = vm.memread(0xC0000, 0x800)
+    r.step("dma across a read-only map", lambda: hex(_dma(vm, 0x40000, 0xBF800, 0x1000, 0x3)))
+    r.note("ram below the read-only map", vm.memread(0xBF800, 0x800).hex())
+    r.note("read-only map unchanged", vm.memread(0xC0000, 0x800) == rom_before)
+    # RAM -> buffer across the same edge: both halves are readable.
+    r.step("dma from across a read-only map", lambda: hex(_dma(vm, 0xBFFF0, 0x40E00, 0x20, 0x1)))
+    r.step("dma edge bytes back out", lambda: hex(_dma(vm, 0x40E00, RAM_OUT + 0x480, 0x20, 0x3)))
+    r.note("buffer from across the edge", vm.memread(RAM_OUT + 0x480, 0x20).hex())
     vm.writel(BAR + 0x80, 0x9)  # 4-byte write: upper half cleared
     vm.writeq(BAR + 0x88, 0x1_2345_6789)
     r.note("dma registers", (hex(vm.readq(BAR + 0x80)), hex(vm.readq(BAR + 0x88)), hex(vm.readl(BAR + 0x8C))))

@@ -104,7 +104,7 @@ def test_message_mode_is_chunked_to_the_clients_max_data_xfer_size(serve):
         dev.dma.write(0x100, payload)
         assert bytes(guest.mem[0x100:0x100 + 10000]) == payload
         assert dev.dma.read(0x100, 10000) == payload
-        assert [n for _, _, n in guest.requests] == [4096, 4096, 1808] * 2
+        assert [n for _, _, n in guest.requests] == [4096, 4096, 1808] * 2  # the client's own limit
         stop.set()
 
 
@@ -355,8 +355,10 @@ def test_unmap_of_another_map_does_not_stall_the_server(setup):
 
 
 def test_bus_master_turned_off_mid_transfer_stops_it(serve):
-    """A 96 KiB message-mode read takes two DMA_READs (64 KiB chunks); the driver turns bus
-    mastering off after the first: the second is never sent."""
+    """A message-mode read of three chunks; the driver turns bus mastering off after the first
+    DMA_READ: no other is sent."""
+    from vfiouser.session import DMA_READ_CHUNK
+
     dev = ProbeDevice()
     server = serve(dev)
     guest = GuestMemory(0x10000, 0x20000)
@@ -367,7 +369,7 @@ def test_bus_master_turned_off_mid_transfer_stops_it(serve):
 
         def device():
             try:
-                dev.dma.read(0x10000, 0x18000)
+                dev.dma.read(0x10000, 3 * DMA_READ_CHUNK)
             except DmaBusMasterDisabled as exc:
                 errors.append(exc)
 
@@ -378,4 +380,82 @@ def test_bus_master_turned_off_mid_transfer_stops_it(serve):
         client.config_write(0x04, 0x0000, 2)  # bus mastering off
         client.serve_request(first)
         t.join(5)
-        assert errors and len(guest.requests) == 1 and guest.requests[0][2] == 0x10000
+        assert errors and len(guest.requests) == 1 and guest.requests[0][2] == DMA_READ_CHUNK
+
+
+def test_bus_semantics_read_zeros_and_drop_writes_where_nothing_is_mapped(setup):
+    """read_available/write_available behave as QEMU's pci_dma_read/write: the reachable parts of
+    the range move, unmapped or protected parts read 0 and swallow writes."""
+    dev, _, client, guest, stop = setup
+    fd = os.memfd_create("rom", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x1000)
+    os.pwrite(fd, b"R" * 0x1000, 0)
+    client.dma_map(0x10000, 0x1000, 3)  # [0x10000, 0x11000) RW, messages
+    client.dma_map(0x11000, 0x1000, 1, fd=fd)  # [0x11000, 0x12000) read-only, in place
+    guest.mem[0xF00:0x1000] = b"M" * 0x100
+    serve_client(client, stop)
+    data = dev.dma.read_available(0xFF00, 0x1200)  # hole, RW map, RO map
+    assert data == bytes(0x100) + bytes(0xF00) + b"M" * 0x100 + b"R" * 0x100
+    assert dev.dma.read_available(0x11F00, 0x200) == b"R" * 0x100 + bytes(0x100)  # RO map, hole
+    written = dev.dma.write_available(0x10F80, b"w" * 0x100)
+    assert written == 0x80 and guest.mem[0xF80:0x1000] == b"w" * 0x80
+    assert os.pread(fd, 0x80, 0) == b"R" * 0x80
+    assert dev.dma.write_available(0x20000, b"x") == 0
+    client.config_write(0x04, 0x0000, 2)
+    with pytest.raises(DmaBusMasterDisabled):  # no bus master is not "nothing mapped"
+        dev.dma.read_available(0x10000, 4)
+    os.close(fd)
+
+
+def test_dma_on_a_closed_session_is_unavailable_not_unmapped(setup):
+    """A worker that raced a disconnect gets DmaUnavailable, never a guest-address error."""
+    dev, server, client, _, _ = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    session = server.session
+    client.close()
+    assert server.wait_idle(5)
+    for call in (lambda: session.dma_read(0x10000, 4), lambda: session.dma_write(0x10000, b"x"),
+                 lambda: session.dma_mapped(0x10000, 4, False)):
+        with pytest.raises(DmaUnavailable):
+            call()
+
+
+def test_edu_dma_into_a_read_only_map_completes_and_writes_the_rest(serve):
+    """A transfer that meets a read-only map finishes (RUN clears, IRQ raised), writes what is
+    writable, and the engine takes the next command: it never wedges."""
+    from devices.edu import Edu
+
+    dev = Edu(dma_delay_ms=0)
+    server = serve(dev)
+    guest = GuestMemory(0x1000, 0x1000)  # [0x1000, 0x2000) RW, messages
+
+    def reg(c, off, value=None):
+        if value is None:
+            return int.from_bytes(c.region_read(0, off, 8), "little")
+        c.region_write(0, off, value.to_bytes(8, "little"))
+
+    def run_dma(c, src, dst, count, cmd):
+        for off, value in ((0x80, src), (0x88, dst), (0x90, count), (0x98, cmd)):
+            reg(c, off, value)
+        deadline = time.monotonic() + 5
+        while reg(c, 0x98) & 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return reg(c, 0x98)
+
+    with Client.connect(server.path, dma_handler=guest) as c:
+        c.config_write(0x04, 0x0006, 2)
+        fd = os.memfd_create("rom", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 0x1000)
+        c.dma_map(0x1000, 0x1000, 3)
+        c.dma_map(0x2000, 0x1000, 1, fd=fd)  # read-only, adjacent
+        # no serve_client thread: the client answers DMA requests while it waits for its replies
+        guest.mem[0x800:0x1000] = bytes(range(256)) * 8
+        assert run_dma(c, 0x1800, 0x40000, 0x1000, 0x1) == 0  # RAM -> buffer, half from the RO map
+        guest.mem[0x800:0x1000] = b"\xee" * 0x800
+        assert run_dma(c, 0x40000, 0x1800, 0x1000, 0x7) == 0x6  # buffer -> RAM across into the RO map
+        assert guest.mem[0x800:0x1000] == bytes(range(256)) * 8
+        assert os.pread(fd, 0x800, 0) == bytes(0x800)
+        assert int.from_bytes(c.region_read(0, 0x24, 4), "little") == 0x100  # completion IRQ
+        assert run_dma(c, 0x40000, 0x1000, 0x10, 0x1 | 0x2) == 0x2  # the engine still works
+        assert guest.mem[:0x10] == bytes(range(16))
+        os.close(fd)

@@ -49,6 +49,9 @@ def test_oracle_transcript_is_what_edu_should_do(qemu_edu):
     assert qemu_edu["msi message"] == "0xabcd" and qemu_edu["no message on ack"] == "0x0"
     assert qemu_edu["ram untouched by bad range"] == "ee" * 32
     assert qemu_edu["system reset irq"] == ["lower"]
+    assert qemu_edu["buffer from clamped source"] == pattern[:64].hex()
+    below_rom = bytes.fromhex(qemu_edu["ram below the read-only map"])
+    assert below_rom[:0x100] == pattern and qemu_edu["read-only map unchanged"] is True
 
 
 @pytest.mark.parametrize("memfd", [False, True], ids=["default-ram", "memfd-ram"])

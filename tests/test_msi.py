@@ -174,6 +174,48 @@ def test_msix_disabled_drops_vectors(probe):
     assert exc.value.errno == errno.EIO
 
 
+def test_msix_vector_fired_without_bus_mastering_is_dropped(probe):
+    """Like MSI (and QEMU's devices): no bus mastering, no message, and nothing left to leak later."""
+    dev, c = probe
+    enable_msix(c)
+    fd = eventfd()
+    c.set_irqs(IrqIndex.MSIX, EVENTFD_TRIGGER, 2, 1, fds=[fd])
+    c.config_write(0x04, 0x0002, 2)  # bus mastering off
+    doorbell(c, 0x00, 2)
+    assert pba(c) == 0
+    c.config_write(0x04, 0x0006, 2)
+    assert fired(fd, 0.1) == 0
+    doorbell(c, 0x00, 2)
+    assert fired(fd) == 1
+
+
+def test_msix_disable_forgets_held_vectors(probe):
+    """A vector held for one driver must not reach the next one that enables MSI-X."""
+    dev, c = probe
+    enable_msix(c)
+    doorbell(c, 0x00, 3)  # no eventfd yet: held in the PBA
+    assert pba(c) == 1 << 3
+    c.config_write(MSIX_CAP + 2, 0x0000, 2)  # the driver unloads
+    assert pba(c) == 0
+    enable_msix(c)
+    fd = eventfd()
+    c.set_irqs(IrqIndex.MSIX, EVENTFD_TRIGGER, 3, 1, fds=[fd])
+    assert fired(fd, 0.1) == 0
+
+
+def test_msi_disable_forgets_held_vectors(probe):
+    dev, c = probe
+    fds = enable_msi(c)
+    c.config_write(MSI_CAP + 0x10, 0b0100)  # mask vector 2
+    doorbell(c, 0x04, 2)
+    assert c.config_read(MSI_CAP + 0x14) == 0b0100
+    c.config_write(MSI_CAP + 2, 0x0020, 2)  # MSI off
+    assert c.config_read(MSI_CAP + 0x14) == 0
+    c.config_write(MSI_CAP + 0x10, 0)
+    c.config_write(MSI_CAP + 2, 0x0021, 2)  # on again, vector 2 unmasked
+    assert fired(fds[2], 0.1) == 0
+
+
 def test_reset_disables_and_forgets_pending(probe):
     dev, c = probe
     enable_msix(c)

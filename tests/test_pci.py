@@ -330,6 +330,32 @@ def test_reset_drops_deferred_work_not_yet_started():
     assert dev.worker.wait_idle(2) and ran == ["after reset"]
 
 
+def test_reset_fences_a_running_task_that_resubmits_itself():
+    """A periodic task running during a reset must not keep itself alive by re-deferring."""
+    import threading
+    import time
+
+    dev = ProbeDevice()
+    dev.realize()
+    started, release, ticks = threading.Event(), threading.Event(), []
+
+    def tick():
+        ticks.append(time.monotonic())
+        if len(ticks) == 1:
+            started.set()
+            release.wait(2)
+        dev.defer(tick, delay=0.01)
+
+    dev.defer(tick)
+    assert started.wait(2)
+    dev.device_reset()  # while tick is running
+    release.set()
+    time.sleep(0.3)
+    assert len(ticks) == 1
+    dev.defer(ticks.append, "after reset")
+    assert dev.worker.wait_idle(2) and ticks[-1] == "after reset"
+
+
 def test_a_model_may_keep_deferred_work_across_reset():
     import time
 

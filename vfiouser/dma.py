@@ -258,6 +258,23 @@ class DmaMappings:
                 region.users += 1
         return pieces
 
+    def reachable(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
+        """The parts of ``[addr, addr+size)`` that are mapped and allow ``write`` (or read), in order."""
+        end = addr + size
+        out: list[tuple[int, int]] = []
+        with self._cond:
+            i = max(0, bisect.bisect_right(self._addrs, addr) - 1)
+            for region in self._regions[i:]:
+                if region.addr >= end:
+                    break
+                lo, hi = max(addr, region.addr), min(end, region.end)
+                if lo < hi and (region.writable if write else region.readable):
+                    if out and out[-1][0] + out[-1][1] == lo:
+                        out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+                    else:
+                        out.append((lo, hi - lo))
+        return out
+
     def release(self, pieces: list[tuple[DmaRegion, int, int]]) -> None:
         """Unpin what :meth:`acquire` pinned."""
         with self._cond:

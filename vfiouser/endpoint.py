@@ -112,6 +112,12 @@ class DeviceEndpoint:
             raise DmaUnavailable("no client is connected", addr, size)
         return session.dma_read(addr, size)
 
+    def dma_mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
+        session = self._session
+        if session is None:
+            raise DmaUnavailable("no client is connected", addr, size)
+        return session.dma_mapped(addr, size, write)
+
     def dma_write(self, addr: int, data: bytes) -> None:
         session = self._session
         if session is None:

@@ -4,8 +4,9 @@ States: ``NEGOTIATING`` (only VERSION is accepted) -> ``RUNNING`` -> ``CLOSED``.
 
 Each wake-up reads every complete message the socket holds, processes them
 strictly in arrival order (a read after a posted write sees that write) and
-sends all replies in one ``sendmsg`` (a reply that carries fds starts a new
-one, so the fds arrive with its first byte). A command flagged NO_REPLY never
+sends the replies together, in as few ``sendmsg`` calls as the kernel's
+IOV_MAX allows (a reply that carries fds starts a new one, so the fds arrive
+with its first byte). A command flagged NO_REPLY never
 gets a reply, not even an error one.
 
 Bad input never ends the session: it is answered with an error reply whose
@@ -87,8 +88,9 @@ log = logging.getLogger(__name__)
 MAX_WRITE_MULTI = 200
 #: Most bytes in one REGION_WRITE_MULTI write.
 MULTI_WRITE_MAX_DATA = 8
-#: Most bytes one DMA_READ asks for (see Session._dma_chunk).
-DMA_READ_CHUNK = 64 * 1024
+#: Most bytes one DMA_READ asks for (see Session._dma_chunk): the reply (32 KiB + 32) fits in
+#: one AF_UNIX socket buffer unit (about 36 KiB on Linux), which QEMU writes all or nothing.
+DMA_READ_CHUNK = 32 * 1024
 
 
 _REPLY = int(MsgType.REPLY)
@@ -683,9 +685,12 @@ class Session:
     def _dma_chunk(self, cmd: int) -> int:
         chunk = min(self.client_caps.max_data_xfer_size, self.caps.max_data_xfer_size)
         if cmd == Command.DMA_READ:
-            # QEMU 11.1.3 sends a reply with one writev and treats a partial write as done, so
-            # a reply larger than its socket buffer (~200 KiB) arrives truncated and the stream
-            # is lost. Keep read replies well below that.
+            # QEMU 11.1.3 sends a reply with one writev and treats a partial write as complete.
+            # Linux splits an AF_UNIX stream write into buffers of about 36 KiB, and a writev
+            # that needs more than one can stop between them when the socket is full (QEMU's
+            # posted writes we have not read yet fill it): the reply arrives truncated, the data
+            # silently wrong, and the stream is lost. A reply that fits one buffer goes whole or
+            # not at all (EAGAIN, and QEMU queues it).
             chunk = min(chunk, DMA_READ_CHUNK)
         return max(1, chunk)
 
@@ -716,9 +721,19 @@ class Session:
                 self.dma.release(pinned)
             pos += length
 
+    def _check_open(self, addr: int, size: int) -> None:
+        if self.state is SessionState.CLOSED:
+            raise DmaUnavailable("the client disconnected", addr, size)
+
+    def dma_mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
+        """The parts of ``[addr, addr+size)`` mapped with the right permission, as ``(addr, size)``."""
+        self._check_open(addr, size)
+        return self.dma.reachable(addr, size, write)
+
     def dma_read(self, addr: int, size: int) -> bytes:
         """Read guest memory for the device: in place if mmapped, else with DMA_READ messages."""
         self._check_dma_thread(addr, size)
+        self._check_open(addr, size)
         out = bytearray()
         with closing(self._pieces(addr, size, write=False)) as pieces:
             self._read_pieces(pieces, addr, size, out)
@@ -728,7 +743,10 @@ class Session:
         for region, offset, length in pieces:
             self._check_bus_master(addr, size)
             if region.mem is not None:
-                out += region.mem[offset : offset + length]
+                try:
+                    out += region.mem[offset : offset + length]
+                except (TypeError, ValueError) as exc:  # released under us after UNMAP_WAIT
+                    raise DmaAborted(f"guest memory at {region.addr + offset:#x} went away: {exc}", addr, size)
                 continue
             chunk = self._dma_chunk(Command.DMA_READ)
             for pos in range(0, length, chunk):
@@ -743,6 +761,7 @@ class Session:
     def dma_write(self, addr: int, data: bytes) -> None:
         """Write guest memory for the device: in place if mmapped, else with DMA_WRITE messages."""
         self._check_dma_thread(addr, len(data))
+        self._check_open(addr, len(data))
         with closing(self._pieces(addr, len(data), write=True)) as pieces:
             self._write_pieces(pieces, addr, data)
 
@@ -754,7 +773,11 @@ class Session:
             part = view[pos : pos + length]
             pos += length
             if region.mem is not None:
-                region.mem[offset : offset + length] = part
+                try:
+                    region.mem[offset : offset + length] = part
+                except (TypeError, ValueError) as exc:  # released under us after UNMAP_WAIT
+                    raise DmaAborted(f"guest memory at {region.addr + offset:#x} went away: {exc}", addr,
+                                     len(data))
                 continue
             chunk = self._dma_chunk(Command.DMA_WRITE)
             for sub in range(0, length, chunk):

@@ -5,6 +5,7 @@ A model reaches guest memory through ``self.dma`` (a :class:`Dma`)::
     data = self.dma.read(addr, 4096)          # guest memory -> bytes
     self.dma.write(addr, b"result")           # bytes -> guest memory
     chunks = self.dma.read_sg([(a1, n1), (a2, n2)])   # scatter-gather
+    data = self.dma.read_available(addr, n)   # like a bus: unmapped bytes read 0
 
 The backend decides how: with the vfio-user server, guest RAM shared through a
 memory fd is accessed in place (mmap), other RAM through DMA_READ/DMA_WRITE
@@ -90,6 +91,9 @@ class DmaBackend(Protocol):
     def dma_write(self, addr: int, data: bytes) -> None:
         """Write ``data`` to guest memory at ``addr``; raises :class:`DmaError`."""
 
+    def dma_mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
+        """The parts of ``[addr, addr+size)`` the client mapped with that permission."""
+
 
 class _NoBackend:
     def dma_read(self, addr: int, size: int) -> bytes:
@@ -97,6 +101,9 @@ class _NoBackend:
 
     def dma_write(self, addr: int, data: bytes) -> None:
         raise DmaUnavailable("no client is connected", addr, len(data))
+
+    def dma_mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
+        raise DmaUnavailable("no client is connected", addr, size)
 
 
 NO_BACKEND = _NoBackend()
@@ -110,13 +117,13 @@ class Dma:
         self.backend: DmaBackend = NO_BACKEND
 
     def _check_context(self, addr: int, size: int) -> None:
-        if not self._device.bus_master_enabled():
-            raise DmaBusMasterDisabled("bus mastering is disabled (command register bit 2)", addr, size)
-        lock = self._device.lock
+        lock = self._device.lock  # a programming error first: it must not hide behind a device state
         if getattr(lock, "_is_owned", lambda: False)():
             raise DmaWouldDeadlock(
                 "DMA while holding the device lock; do DMA in deferred work with the lock released", addr, size
             )
+        if not self._device.bus_master_enabled():
+            raise DmaBusMasterDisabled("bus mastering is disabled (command register bit 2)", addr, size)
 
     def read(self, addr: int, size: int) -> bytes:
         """Read ``size`` bytes of guest memory at ``addr``."""
@@ -151,6 +158,29 @@ class Dma:
         for addr, size in segments:
             self.write(addr, data[pos : pos + size])
             pos += size
+
+    # -- best effort, as a PCI bus does it ---------------------------------------------------
+
+    def read_available(self, addr: int, size: int) -> bytes:
+        """Read like a bus: the parts of the range that are mapped for reading are read, the rest
+        reads as zeros (what QEMU's own devices get from ``pci_dma_read``). Errors other than
+        unmapped or read-protected memory are still raised."""
+        self._check_context(addr, size)
+        out = bytearray(size)
+        for start, length in self.backend.dma_mapped(addr, size, False):
+            out[start - addr : start - addr + length] = self.backend.dma_read(start, length)
+        return bytes(out)
+
+    def write_available(self, addr: int, data: bytes | bytearray | memoryview) -> int:
+        """Write like a bus: the parts of the range mapped for writing are written, the rest is
+        dropped (QEMU's ``pci_dma_write``). Returns the number of bytes written."""
+        data = bytes(data)
+        self._check_context(addr, len(data))
+        written = 0
+        for start, length in self.backend.dma_mapped(addr, len(data), True):
+            self.backend.dma_write(start, data[start - addr : start - addr + length])
+            written += length
+        return written
 
     def read_u32(self, addr: int) -> int:
         """A little-endian 32-bit value from guest memory."""

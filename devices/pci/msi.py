@@ -25,8 +25,12 @@ or while the function is masked, it is latched in the PBA and sent as soon as
 a route appears or the function mask is cleared. The PBA therefore shows
 exactly the vectors the device is still holding.
 
-Enabling MSI or MSI-X deasserts INTx (the PCI rule, and what QEMU's PCI core
-does). A reset disables both and clears every pending bit.
+A vector fired while its capability is disabled or bus mastering is off is
+dropped, MSI and MSI-X alike (a function without bus mastering cannot send a
+message; QEMU's own devices lose it the same way). Disabling MSI or MSI-X
+forgets the vectors held for it. Enabling either deasserts INTx (the PCI rule,
+and what QEMU's PCI core does). A reset disables both and clears every
+pending bit.
 """
 
 from __future__ import annotations
@@ -155,12 +159,16 @@ class MsiCapability:
         enabled = self.enabled
         if enabled != self._was_enabled:
             self._was_enabled = enabled
+            if not enabled:  # a vector held for the old driver must not reach the next one
+                self._held = 0
+                if self._pending is not None:
+                    cs.set_dword(self.offset + self._pending, 0)
             self.device._irq_mode_changed()
         if enabled:
             self.deliver_pending()
 
     def fire(self, vector: int) -> None:
-        """Signal ``vector`` (held pending while masked; dropped while disabled)."""
+        """Signal ``vector`` (held pending while masked; dropped while disabled or without bus mastering)."""
         if not 0 <= vector < self.vectors:
             raise ValueError(f"MSI vector {vector} out of range (0-{self.vectors - 1})")
         if not self.enabled or vector >= self.enabled_vectors:
@@ -284,17 +292,23 @@ class MsixCapability:
         enabled = self.enabled
         if enabled != self._was_enabled:
             self._was_enabled = enabled
+            if not enabled:  # a vector held for the old driver must not reach the next one
+                self.pending_bits = 0
             self.device._irq_mode_changed()
         self.deliver_pending()
 
     def fire(self, vector: int) -> None:
-        """Signal ``vector``; held in the PBA while it cannot be sent."""
+        """Signal ``vector``; held in the PBA while it cannot be sent (function masked, no route
+        yet); dropped while MSI-X is disabled or bus mastering is off, as QEMU's devices do."""
         if not 0 <= vector < self.vectors:
             raise ValueError(f"MSI-X vector {vector} out of range (0-{self.vectors - 1})")
         if not self.enabled:
             log.debug("MSI-X vector %d dropped: MSI-X disabled", vector)
             return
-        if self.function_masked or not self.device.bus_master_enabled() or not self.device._send_msix(vector):
+        if not self.device.bus_master_enabled():
+            log.debug("MSI-X vector %d dropped: bus mastering is off", vector)
+            return
+        if self.function_masked or not self.device._send_msix(vector):
             self.pending_bits |= 1 << vector
 
     def deliver_pending(self) -> None:

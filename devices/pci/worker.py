@@ -32,8 +32,11 @@ class DeviceWorker:
     def __init__(self, name: str = "device") -> None:
         self.name = name
         self._cond = threading.Condition()
-        self._tasks: list[tuple[float, int, object, tuple]] = []  # heap of (due, seq, fn, args)
-        self._held: list[tuple[float, object, tuple]] = []
+        self._tasks: list[tuple[float, int, int, object, tuple]] = []  # heap of (due, seq, epoch, fn, args)
+        self._held: list[tuple[float, int, object, tuple]] = []
+        #: bumped by cancel_pending (a reset): tasks from an older epoch never run
+        self.epoch = 0
+        self._running_epoch = 0
         self._gate = 0
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -43,13 +46,16 @@ class DeviceWorker:
     def submit(self, fn, *args, delay: float = 0.0) -> None:
         """Run ``fn(*args)`` on the worker, ``delay`` seconds from now (or from release, if held)."""
         with self._cond:
+            # A task submitted by a running task belongs to that task's epoch, so a task that was
+            # running when the device was reset cannot keep itself alive by re-submitting.
+            epoch = self._running_epoch if threading.current_thread() is self._thread else self.epoch
             if self._gate:
-                self._held.append((delay, fn, args))
+                self._held.append((delay, epoch, fn, args))
                 return
-            self._push(delay, fn, args)
+            self._push(delay, epoch, fn, args)
 
-    def _push(self, delay: float, fn, args) -> None:
-        heapq.heappush(self._tasks, (time.monotonic() + delay, next(self._seq), fn, args))
+    def _push(self, delay: float, epoch: int, fn, args) -> None:
+        heapq.heappush(self._tasks, (time.monotonic() + delay, next(self._seq), epoch, fn, args))
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
@@ -67,8 +73,8 @@ class DeviceWorker:
             self._gate -= 1
             if self._gate == 0 and self._held:
                 held, self._held = self._held, []
-                for delay, fn, args in held:
-                    self._push(delay, fn, args)
+                for delay, epoch, fn, args in held:
+                    self._push(delay, epoch, fn, args)
 
     def _run(self) -> None:
         while True:
@@ -78,7 +84,10 @@ class DeviceWorker:
                         return
                     now = time.monotonic()
                     if self._tasks and self._tasks[0][0] <= now:
-                        _, _, fn, args = heapq.heappop(self._tasks)
+                        _, _, epoch, fn, args = heapq.heappop(self._tasks)
+                        if epoch != self.epoch:
+                            continue  # from before a reset
+                        self._running_epoch = epoch
                         self._busy = True
                         break
                     self._cond.wait(self._tasks[0][0] - now if self._tasks else None)
@@ -108,9 +117,11 @@ class DeviceWorker:
             return True
 
     def cancel_pending(self) -> int:
-        """Drop the tasks that have not started (a reset); returns how many. A running task finishes."""
+        """Drop the tasks that have not started (a reset); returns how many. A running task
+        finishes, but what it submits from now on is dropped too."""
         with self._cond:
             dropped = len(self._tasks) + len(self._held)
+            self.epoch += 1
             self._tasks.clear()
             self._held.clear()
             self._cond.notify_all()
