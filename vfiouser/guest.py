@@ -280,7 +280,13 @@ class Guest:
 
     def __init__(self, assets: GuestAssets, script: str, *, devices=(), modules=(), files=None,
                  memory: str = "512M", memfd: bool = True, append: str = "", cpus: int = 1,
-                 accel: str | None = None, qemu: str | None = None, extra_args=()) -> None:
+                 accel: str | None = None, qemu: str | None = None, extra_args=(),
+                 console: str = "ttyS0") -> None:
+        """``console`` is the kernel's console and ``/dev/console``: ``ttyS0`` is QEMU's own
+        UART, which this object reads and :meth:`send` types into. Another port (``ttyS1``, a
+        UART model served over vfio-user) takes the script's output and result markers with it,
+        so then :attr:`exit_code` stays ``None`` and the caller reads that UART instead; ttyS0
+        still carries :meth:`send`'s input for a script that reads ``/dev/ttyS0``."""
         self.qemu = qemu or find_qemu()
         self.accel = accel or default_accel()
         self._dir = tempfile.mkdtemp(prefix="vfiouser-guest-")
@@ -290,7 +296,7 @@ class Guest:
         machine = "q35"
         cmd = [self.qemu, "-accel", self.accel, "-m", memory, "-smp", str(cpus), "-nodefaults", "-display", "none",
                "-no-reboot", "-serial", "stdio", "-kernel", assets.kernel, "-initrd", initrd,
-               "-append", f"console=ttyS0 panic=-1 loglevel=4 {append}".strip()]
+               "-append", f"console={console} panic=-1 loglevel=4 {append}".strip()]
         if self.accel == "kvm":
             cmd += ["-cpu", "host"]
         if memfd:
