@@ -18,6 +18,7 @@ BUILTIN_DEVICES: dict[str, str] = {
     "edu": "devices.edu:Edu",
     "pci-serial": "devices.serial:PciSerial",
     "virtio-rng": "devices.virtio.rng:VirtioRng",
+    "ivshmem-plain": "devices.ivshmem:Ivshmem",
 }
 
 

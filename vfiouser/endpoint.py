@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from devices.pci import NUM_REGIONS, PciDevice, RegionKind
 from devices.pci.dma import DmaUnavailable
 
-from .protocol import IrqIndex, RegionFlags
+from .protocol import IrqIndex, RegionCapId, RegionFlags
 
 __all__ = ["DeviceEndpoint", "RegionEntry"]
 
@@ -37,17 +37,30 @@ class DeviceEndpoint:
         model.realize()
         self.model = model
         self.regions: list[RegionEntry] = []
+        #: Region-info capabilities per region (dicts for ``protocol.RegionCap``), e.g. sparse mmap areas.
+        self.region_caps: list[list[dict]] = []
+        #: The fd sent with a region's info when the client may mmap part of it (else None).
+        self.region_fds: list[int | None] = []
+        self._mmap_bytes: list[int] = []
         for region in model.regions():
             flags = 0
+            caps: list[dict] = []
             if region.size:
                 if region.readable:
                     flags |= RegionFlags.READ
                 if region.writable:
                     flags |= RegionFlags.WRITE
+                if region.mmap_areas:
+                    flags |= RegionFlags.MMAP
+                    if list(region.mmap_areas) != [(0, region.size)]:  # no cap: the whole region
+                        areas = [dict(offset=o, size=n) for o, n in region.mmap_areas]
+                        caps.append(dict(id=RegionCapId.SPARSE_MMAP, version=1,
+                                         body=dict(nr_areas=len(areas), reserved=0, areas=areas)))
             self.regions.append(RegionEntry(region.index, region.size, int(flags), region.kind))
+            self.region_caps.append(caps)
+            self.region_fds.append(region.mmap_fd if region.mmap_areas else None)
+            self._mmap_bytes.append(sum(n for _, n in region.mmap_areas))
         assert len(self.regions) == NUM_REGIONS
-        #: Region-info capabilities per region (dicts for ``protocol.RegionCap``), e.g. sparse mmap areas.
-        self.region_caps: list[list[dict]] = [[] for _ in self.regions]
         #: Region sizes by index, for the hot path's bounds checks.
         self.region_sizes = [r.size for r in self.regions]
         self.region_writable = [bool(r.flags & RegionFlags.WRITE) for r in self.regions]
@@ -74,7 +87,9 @@ class DeviceEndpoint:
         lines = []
         for r in self.regions:
             if r.size and r.kind != RegionKind.CONFIG:
-                lines.append(f"region {r.index}: {r.kind} {r.size:#x} bytes")
+                shared = self._mmap_bytes[r.index]
+                mapped = f", {shared:#x} mmap-able" if shared else ""
+                lines.append(f"region {r.index}: {r.kind} {r.size:#x} bytes{mapped}")
         return "; ".join(lines) or "no BARs"
 
     # -- the model's backend: interrupts and DMA go to the connected session --------

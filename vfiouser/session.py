@@ -499,9 +499,13 @@ class Session:
         needed = REGION_INFO_SIZE + len(caps_blob)
         flags = region.flags | (RegionFlags.CAPS if caps_blob else 0)
         if argsz < needed:
-            # Too small for the capabilities: say how much is needed, send none (the client re-asks).
-            return Layout.REGION_INFO.pack(needed, region.flags, index, 0, region.size, 0)
-        return Layout.REGION_INFO.pack(needed, flags, index, cap_offset, region.size, 0) + caps_blob
+            # Too small for the capabilities: say how much is needed, send none and no fd (the client re-asks).
+            return Layout.REGION_INFO.pack(needed, region.flags & ~RegionFlags.MMAP, index, 0, region.size, 0)
+        info = Layout.REGION_INFO.pack(needed, flags, index, cap_offset, region.size, 0) + caps_blob
+        fd = self.endpoint.region_fds[index]
+        # An mmap-able region: its memory's fd goes with the reply (offset 0 of the fd is offset 0
+        # of the region); the transport sends it and keeps it open, the model owns it.
+        return (info, [fd]) if fd is not None else info
 
     def _get_region_io_fds(self, msg_id, flags, payload, fds):
         self._no_fds(fds, "DEVICE_GET_REGION_IO_FDS")

@@ -4,7 +4,7 @@ Start with :class:`PciDevice` (``devices.pci.device``); ``docs/writing-a-device.
 walks through a complete model.
 """
 
-from .bars import MAX_IO_BAR_SIZE, Bar, BarError, IoBar, MemoryBar, RomBar
+from .bars import MAX_IO_BAR_SIZE, PAGE_SIZE, Bar, BarError, IoBar, MemoryBar, RomBar, SharedMemory
 from .config import *  # noqa: F401,F403  (register offsets and bits)
 from .config import ConfigSpace, ConfigSpaceError
 from .dma import (
@@ -60,6 +60,8 @@ __all__ = [
     "IoBar",
     "MemoryBar",
     "RomBar",
+    "SharedMemory",
+    "PAGE_SIZE",
     "MAX_IO_BAR_SIZE",
     "NO_PIN",
     "INTA",

@@ -10,10 +10,25 @@ which programs its register in config space (type bits read-only, address bits
 above the size writable, so the guest's sizing write of all-ones reads back the
 size mask) and gives it a *window* in the device's IoManager. Handlers are then
 attached to the whole BAR or to parts of it with :meth:`Bar.map`.
+
+Parts of a memory BAR may instead be *shared memory* (:meth:`MemoryBar.share`):
+page-aligned areas backed by a memfd or a host file that the client maps
+straight into the guest. Guest accesses there never reach the server; the model
+reads and writes the same bytes through a memoryview::
+
+    bar = self.add_bar(2, MemoryBar(0x10000, bits=64, prefetchable=True))
+    self.ring = bar.share(0x1000, 0x1000)       # BAR2 + 0x1000..0x2000 is memory
+    self.ring[0:4] = b"\x01\0\0\0"              # the guest reads 1 there, no message
+
+The rest of the BAR stays trapped. Note that QEMU 11.1.3 sends every write of
+a device with any mmap-able area synchronously (posted writes are off for the
+whole device), so trapped writes of such a device cost a round trip.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from typing import TYPE_CHECKING
 
 from iomgr import DeviceIo, MmioAddressRange, PioAddressRange, Resource
@@ -28,12 +43,14 @@ from .config import (
 if TYPE_CHECKING:
     from .device import PciDevice
 
-__all__ = ["Bar", "IoBar", "MemoryBar", "RomBar", "BarError", "MAX_IO_BAR_SIZE"]
+__all__ = ["Bar", "IoBar", "MemoryBar", "RomBar", "BarError", "SharedMemory", "MAX_IO_BAR_SIZE", "PAGE_SIZE"]
 
 #: Largest I/O BAR (PCI Local Bus Specification 3.0, §6.2.5.1).
 MAX_IO_BAR_SIZE = 256
 #: Largest expansion ROM: QEMU reads the whole ROM in one REGION_READ, at most max_data_xfer_size (1 MiB).
 MAX_ROM_SIZE = 1 << 20
+#: Granularity of shared (mmap-able) BAR areas: the host page size QEMU maps with.
+PAGE_SIZE = mmap.PAGESIZE
 
 
 class BarError(ValueError):
@@ -100,6 +117,10 @@ class Bar:
         if size is None:
             size = self.size - offset
         res = self.resource(offset, size)
+        for area_off, area_size in getattr(self, "shared_areas", ()):
+            if offset < area_off + area_size and area_off < offset + size:
+                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the shared area at {area_off:#x}: "
+                               "the guest's accesses there never reach a handler")
         dev = self.device
         assert dev is not None
         with dev.io.transaction() as tx:
@@ -138,16 +159,114 @@ class IoBar(Bar):
         return ~(self.size - 1) & 0xFFFF_FFFC
 
 
-class MemoryBar(Bar):
-    """A memory BAR of ``size`` bytes; ``bits`` is 32 or 64; optionally prefetchable."""
+class SharedMemory:
+    """Host memory behind a BAR's shared areas: a memfd, or a host file other processes can
+    open, mapped ``MAP_SHARED`` here and (through the same fd) by the client.
 
-    def __init__(self, size: int, *, bits: int = 32, prefetchable: bool = False) -> None:
+    A file is created if missing (mode 0600) and grown to ``size`` if shorter; its
+    contents are kept. :attr:`view` is the whole memory as a writable memoryview.
+    """
+
+    def __init__(self, size: int, *, path: str | None = None, name: str = "vfiouser-bar") -> None:
+        if path is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.size = size
+        self.path = path
+        self.view = memoryview(self._map)
+
+    def close(self) -> None:
+        """Unmap and close (views handed out must be released first)."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a model still holds a view: leave the mapping to the garbage collector
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+    def __repr__(self) -> str:
+        where = self.path or "memfd"
+        return f"SharedMemory({where}, {self.size:#x} bytes)"
+
+
+class _SharedMemoryIo(DeviceIo):
+    """Serves trapped accesses to a shared area from the memory itself (a client that did not
+    map the area, such as the Python test client, still sees the same bytes)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def read(self, base, offset, data):
+        data[:] = self.view[offset : offset + len(data)]
+
+    def write(self, base, offset, data):
+        self.view[offset : offset + len(data)] = data
+
+
+class MemoryBar(Bar):
+    """A memory BAR of ``size`` bytes; ``bits`` is 32 or 64; optionally prefetchable.
+
+    ``file``: the host file behind :meth:`share` areas (default: an anonymous memfd).
+    """
+
+    def __init__(self, size: int, *, bits: int = 32, prefetchable: bool = False, file: str | None = None) -> None:
         if bits not in (32, 64):
             raise BarError(f"a memory BAR is 32- or 64-bit, not {bits}-bit")
         _check_pow2("memory BAR", size, 16, (1 << 31) if bits == 32 else (1 << 40))
         super().__init__(size)
         self.bits = bits
         self.prefetchable = prefetchable
+        self.file = file
+        #: The memory behind the shared areas (created by the first :meth:`share`).
+        self.shared: SharedMemory | None = None
+        #: ``(offset, size)`` of each shared area, in BAR order.
+        self.shared_areas: list[tuple[int, int]] = []
+
+    def share(self, offset: int = 0, size: int | None = None) -> memoryview:
+        """Make ``[offset, offset+size)`` (default: the rest of the BAR) shared memory that the
+        client maps into the guest; returns that area as a writable memoryview.
+
+        Offset and size must be multiples of the page size (4 KiB). Guest
+        accesses to the area never reach the server: the model sees them only
+        as changed bytes, so shared areas suit data (buffers, rings, frame
+        buffers), not registers with side effects. Declare areas before the
+        device is served; they may not overlap handlers or each other.
+        """
+        dev = self.device
+        if dev is None or self.index is None:
+            raise BarError("add the BAR to a device before sharing part of it")
+        if dev._realized:
+            raise BarError("shared areas must be declared before the device is served")
+        if size is None:
+            size = self.size - offset
+        if offset % PAGE_SIZE or size % PAGE_SIZE or size <= 0 or offset < 0 or offset + size > self.size:
+            raise BarError(f"a shared area must be whole {PAGE_SIZE:#x}-byte pages inside the {self.size:#x}-byte "
+                           f"BAR, not [{offset:#x}, +{size:#x})")
+        for area_off, area_size in self.shared_areas:
+            if offset < area_off + area_size and area_off < offset + size:
+                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the shared area at {area_off:#x}")
+        for map_off, map_size, _ in self.mappings:
+            if offset < map_off + map_size and map_off < offset + size:
+                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the handler mapped at {map_off:#x}")
+        if self.shared is None:
+            self.shared = SharedMemory(self.size, path=self.file, name=f"vfiouser-bar{self.index}")
+        view = self.shared.view[offset : offset + size]
+        self.map(_SharedMemoryIo(view), offset, size)
+        self.shared_areas.append((offset, size))
+        self.shared_areas.sort()
+        return view
 
     @property
     def slots(self) -> int:

@@ -127,13 +127,17 @@ class RegionKind:
 
 @dataclass(frozen=True)
 class Region:
-    """One region as a backend exposes it: index, size (0 = absent), kind, access rights."""
+    """One region as a backend exposes it: index, size (0 = absent), kind, access rights, and
+    the shared areas a client may map (``(offset, size)`` pairs in the file ``mmap_fd``, whose
+    offset 0 is the region's offset 0)."""
 
     index: int
     size: int
     kind: str
     readable: bool
     writable: bool
+    mmap_areas: tuple[tuple[int, int], ...] = ()
+    mmap_fd: int | None = None
 
 
 class RegionAccessError(ValueError):
@@ -377,7 +381,11 @@ class PciDevice(DeviceIo):
             bar = self.bars.get(index)
             if index < 6 and bar is not None:
                 kind = RegionKind.IO if bar.is_io else RegionKind.MEMORY
-                out.append(Region(index, bar.size, kind, True, True))
+                shared = getattr(bar, "shared", None)
+                if shared is not None:
+                    out.append(Region(index, bar.size, kind, True, True, tuple(bar.shared_areas), shared.fd))
+                else:
+                    out.append(Region(index, bar.size, kind, True, True))
             elif index == ROM_REGION and self.rom is not None:
                 out.append(Region(index, self.rom.size, RegionKind.ROM, True, False))
             elif index == CONFIG_REGION:
