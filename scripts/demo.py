@@ -69,7 +69,11 @@ echo "powering off"
 
 def main() -> int:
     assets = GuestAssets.find()
-    tmp = tempfile.mkdtemp(prefix="vfiouser-demo-")
+    with tempfile.TemporaryDirectory(prefix="vfiouser-demo-") as tmp:
+        return run(assets, tmp)
+
+
+def run(assets: GuestAssets, tmp: str) -> int:
     gpio, uart, rng = Idio16(), PciSerial(backend=f"unix:{tmp}/uart"), VirtioRng()
     step("1. Three Python device models, each served on its own vfio-user socket")
     with serve_in_thread(gpio, f"{tmp}/gpio.sock") as s_gpio, \

@@ -35,6 +35,7 @@ import logging
 import lzma
 import os
 import re
+import shutil
 import stat
 import struct
 import subprocess
@@ -389,6 +390,7 @@ class Guest:
                 stream.close()
             except OSError:
                 pass
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> Guest:
         return self

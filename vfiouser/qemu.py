@@ -97,7 +97,8 @@ class QtestMachine:
         self._qtest_listener.bind(qtest_path)
         self._qtest_listener.listen(1)
         machine = "q35"
-        cmd = [self.qemu, "-accel", "qtest", "-qtest", f"unix:{qtest_path}", "-display", "none",
+        # -qtest-log none: otherwise QEMU logs every qtest command to stderr, doubling its cost.
+        cmd = [self.qemu, "-accel", "qtest", "-qtest", f"unix:{qtest_path}", "-qtest-log", "none", "-display", "none",
                "-nodefaults", "-m", memory, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         if memfd:
             cmd += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
@@ -158,7 +159,9 @@ class QtestMachine:
         return f
 
     def output(self) -> str:
-        """QEMU's stderr/stdout so far."""
+        """QEMU's stderr/stdout so far (kept after :meth:`close`)."""
+        if getattr(self, "_final_output", None) is not None:
+            return self._final_output
         try:
             with open(self.log_path, "rb") as f:
                 return f.read().decode(errors="replace")
@@ -356,6 +359,8 @@ class QtestMachine:
                 if sock is not None:
                     sock.close()
             self._log.close()
+            self._final_output = self.output()
+            shutil.rmtree(self._dir, ignore_errors=True)
         return self.proc.returncode
 
     def __enter__(self) -> QtestMachine:
