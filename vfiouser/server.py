@@ -116,6 +116,8 @@ class Server:
         self._busy: dict[socket.socket, tuple[float, bytearray]] = {}
         self._idle = threading.Event()
         self._idle.set()
+        self._loop_done = threading.Event()  # set while serve_forever is not running
+        self._loop_done.set()
         log.info("serving %r on %s (%s)", device, self.path, self.endpoint.describe_regions())
 
     # -- public ------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Server:
         Nothing a client does ends this loop: an unexpected exception while
         serving a connection is logged and ends that connection only.
         """
+        self._loop_done.clear()
         try:
             while not self._stopping:
                 for key, _ in self._sel.select(timeout=1.0):
@@ -145,6 +148,7 @@ class Server:
                 self._reap_busy()
         finally:
             self._end_session()
+            self._loop_done.set()
 
     def _drop(self, fileobj) -> None:
         session = self.session
@@ -169,6 +173,10 @@ class Server:
         """Stop serving, close every socket and remove the socket file."""
         if self._closed:
             return
+        if not self._loop_done.is_set():  # serve_forever runs on another thread: let it finish first
+            self.stop()
+            if not self._loop_done.wait(10):
+                log.error("the server loop did not stop within 10 s; closing under it")
         self._closed = True
         self._end_session()
         for conn in list(self._busy):
