@@ -96,14 +96,11 @@ class CowIoManager(IoManagerContext):
     """
 
     def __init__(self, initial: IoManager | None = None) -> None:
-        self._current = initial if initial is not None else IoManager()
+        #: The published snapshot (replaced whole by :meth:`commit_tx`, never changed in place).
+        #: Take it once and use it for a whole access. A plain attribute: read on every access.
+        self.current: IoManager = initial if initial is not None else IoManager()
         self._lock = threading.Lock()
         self._writer: int | None = None
-
-    @property
-    def current(self) -> IoManager:
-        """The published snapshot. Take it once and use it for a whole access."""
-        return self._current
 
     def begin_tx(self) -> Transaction:
         me = threading.get_ident()
@@ -111,7 +108,7 @@ class CowIoManager(IoManagerContext):
             raise TransactionError("a transaction is already open in this thread")
         self._lock.acquire()
         self._writer = me
-        return Transaction(self, self._current.clone())
+        return Transaction(self, self.current.clone())
 
     def _finish(self, ctx: Transaction) -> None:
         ctx._open = False
@@ -120,7 +117,7 @@ class CowIoManager(IoManagerContext):
 
     def commit_tx(self, ctx: Transaction) -> None:
         ctx._check(self)
-        self._current = ctx.staged
+        self.current = ctx.staged
         self._finish(ctx)
 
     def cancel_tx(self, ctx: Transaction) -> None:
@@ -139,19 +136,19 @@ class CowIoManager(IoManagerContext):
 
     def mmio_read(self, addr: int, data: bytearray | memoryview) -> None:
         """:meth:`IoManager.mmio_read` on the current snapshot."""
-        self._current.mmio_read(addr, data)
+        self.current.mmio_read(addr, data)
 
     def mmio_write(self, addr: int, data: bytes | memoryview) -> None:
         """:meth:`IoManager.mmio_write` on the current snapshot."""
-        self._current.mmio_write(addr, data)
+        self.current.mmio_write(addr, data)
 
     def pio_read(self, addr: int, data: bytearray | memoryview) -> None:
         """:meth:`IoManager.pio_read` on the current snapshot."""
-        self._current.pio_read(addr, data)
+        self.current.pio_read(addr, data)
 
     def pio_write(self, addr: int, data: bytes | memoryview) -> None:
         """:meth:`IoManager.pio_write` on the current snapshot."""
-        self._current.pio_write(addr, data)
+        self.current.pio_write(addr, data)
 
     def __repr__(self) -> str:
-        return f"CowIoManager({self._current!r})"
+        return f"CowIoManager({self.current!r})"

@@ -35,6 +35,7 @@ import enum
 import errno
 import json
 import logging
+import struct
 import threading
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -98,6 +99,16 @@ _ERROR_REPLY = int(MsgType.REPLY | MsgFlags.ERROR)
 _NO_REPLY = int(MsgFlags.NO_REPLY)
 _TYPE_MASK = int(MsgFlags.TYPE_MASK)
 
+# The hot path (the start of Session._dispatch): plain ints, and layouts derived from the protocol's.
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+_ACCESS_SIZE = HEADER_SIZE + REGION_ACCESS.size  # header + region access: 32 bytes
+_ACCESS_UNPACK = REGION_ACCESS.unpack_from
+#: a reply's header and region access in one pack
+_REPLY_ACCESS = struct.Struct(HEADER.format + REGION_ACCESS.format.lstrip("<"))
+#: a REGION_WRITE payload of 1, 2, 4 or 8 data bytes in one unpack (the data comes out as bytes)
+_WRITE_PAYLOAD = {n: struct.Struct(f"{REGION_ACCESS.format}{n}s") for n in (1, 2, 4, 8)}
+
 
 class SessionState(enum.Enum):
     """Where a session is in its life."""
@@ -105,6 +116,11 @@ class SessionState(enum.Enum):
     NEGOTIATING = "negotiating"
     RUNNING = "running"
     CLOSED = "closed"
+
+
+# Module constants for the hot path: ``SessionState.RUNNING`` costs an enum lookup (~50 ns).
+_RUNNING = SessionState.RUNNING
+_CLOSED = SessionState.CLOSED
 
 
 @dataclass
@@ -282,13 +298,13 @@ class Session:
 
     def on_readable(self) -> bool:
         """Process everything that arrived. Returns False when the session is over."""
-        if self.state is SessionState.CLOSED:
+        if self.state is _CLOSED:
             return False
         try:
             frames = self.transport.receive()
         except ConnectionClosed as exc:
             self.log.info("client disconnected (%s)", exc)
-            self.state = SessionState.CLOSED
+            self.state = _CLOSED
             return False
         except FramingError as exc:
             self._framing_failed(exc)
@@ -297,20 +313,21 @@ class Session:
         worker = self.model.worker
         worker.hold()  # deferred work starts only once these requests are answered
         try:
+            dispatch = self._dispatch
             for frame in frames:
-                if self.state is SessionState.CLOSED:  # e.g. a failed VERSION: nothing after it runs
+                if self.state is _CLOSED:  # e.g. a failed VERSION: nothing after it runs
                     close_fds(frame.fds)
                     continue
-                self._dispatch(frame)
+                dispatch(frame)
             self._flush()
         except ConnectionClosed as exc:
             self.log.info("client disconnected while we replied (%s)", exc)
-            self.state = SessionState.CLOSED
+            self.state = _CLOSED
         finally:
             worker.release()
-        if self.transport.framing_error is not None and self.state is not SessionState.CLOSED:
+        if self.transport.framing_error is not None and self.state is not _CLOSED:
             self._framing_failed(self.transport.framing_error)
-        return self.state is not SessionState.CLOSED
+        return self.state is not _CLOSED
 
     def _framing_failed(self, exc: FramingError) -> None:
         """The stream cannot be framed any more: answer the bad header if we can, then hang up."""
@@ -327,8 +344,66 @@ class Session:
 
     # -- dispatch ------------------------------------------------------------------
 
+    def _rejected(self, msg_id: int, cmd: int, flags: int, exc: Exception) -> None:
+        """Log a failed command and queue its error reply (unless NO_REPLY). Call it from the
+        ``except`` clause, so a model failure is logged with its traceback."""
+        no_reply = flags & _NO_REPLY
+        if isinstance(exc, ProtocolError):
+            self.log.warning("%s #%d rejected (%s): %s", command_name(cmd), msg_id,
+                             errno.errorcode.get(exc.errno, exc.errno), exc)
+            if not no_reply:
+                self._queue_error(msg_id, cmd, exc.errno)
+            if isinstance(exc, NegotiationError):
+                self.state = SessionState.CLOSED
+        elif isinstance(exc, RegionAccessError):
+            self.log.warning("%s #%d rejected: %s", command_name(cmd), msg_id, exc)
+            if not no_reply:
+                self._queue_error(msg_id, cmd, errno.EINVAL)
+        else:
+            self.log.exception("device model failed on %s #%d", command_name(cmd), msg_id)
+            if not no_reply:
+                self._queue_error(msg_id, cmd, errno.EIO)
+
     def _dispatch(self, frame: Frame) -> None:
         msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
+        # Fast path: a well-formed, in-bounds REGION_READ/REGION_WRITE without fds, in a RUNNING
+        # session that neither traces nor logs messages: one unpack, the checks of _check_region,
+        # one buffer per reply. Anything else goes on below, which checks it again.
+        if ((cmd == _REGION_READ or cmd == _REGION_WRITE) and not fds and (flags == 0 or flags == _NO_REPLY)
+                and self.state is _RUNNING and self.tracer is None and not self._verbose):
+            sizes = self.endpoint.region_sizes
+            if cmd == _REGION_READ:
+                if msg_size == _ACCESS_SIZE:
+                    offset, region, count = _ACCESS_UNPACK(payload)
+                    if region < len(sizes) and 0 < count <= self.caps.max_data_xfer_size \
+                            and offset + count <= sizes[region]:
+                        reply = bytearray(_ACCESS_SIZE + count)
+                        _REPLY_ACCESS.pack_into(reply, 0, msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
+                                                offset, region, count)
+                        try:
+                            self.model.region_read(region, offset, memoryview(reply)[_ACCESS_SIZE:])
+                        except Exception as exc:
+                            self._rejected(msg_id, cmd, flags, exc)
+                            return
+                        if not flags:
+                            self._out.append(reply)
+                        return
+            else:
+                layout = _WRITE_PAYLOAD.get(msg_size - _ACCESS_SIZE)
+                if layout is not None:
+                    offset, region, count, data = layout.unpack(payload)
+                    if (count == msg_size - _ACCESS_SIZE and region < len(sizes)
+                            and count <= self.caps.max_data_xfer_size and offset + count <= sizes[region]
+                            and self.endpoint.region_writable[region]):
+                        try:
+                            self.model.region_write(region, offset, data)
+                        except Exception as exc:
+                            self._rejected(msg_id, cmd, flags, exc)
+                            return
+                        if not flags:
+                            self._out.append(_REPLY_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0,
+                                                                offset, region, count))
+                        return
         if self.tracer is not None and payload is not None:
             self._trace("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
         if self._verbose:
@@ -352,23 +427,8 @@ class Session:
                     raise MalformedMessage(f"{command_name(cmd)} is a server-to-client command")
                 raise UnknownCommand(f"unknown command {cmd}")
             reply = handler(msg_id, flags, payload, fds)
-        except ProtocolError as exc:
-            self.log.warning("%s #%d rejected (%s): %s", command_name(cmd), msg_id,
-                             errno.errorcode.get(exc.errno, exc.errno), exc)
-            if not no_reply:
-                self._queue_error(msg_id, cmd, exc.errno)
-            if isinstance(exc, NegotiationError):
-                self.state = SessionState.CLOSED
-            return
-        except RegionAccessError as exc:
-            self.log.warning("%s #%d rejected: %s", command_name(cmd), msg_id, exc)
-            if not no_reply:
-                self._queue_error(msg_id, cmd, errno.EINVAL)
-            return
-        except Exception:
-            self.log.exception("device model failed on %s #%d", command_name(cmd), msg_id)
-            if not no_reply:
-                self._queue_error(msg_id, cmd, errno.EIO)
+        except Exception as exc:
+            self._rejected(msg_id, cmd, flags, exc)
             return
         finally:
             if fds:

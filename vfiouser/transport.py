@@ -44,10 +44,15 @@ log = logging.getLogger(__name__)
 #: Most fds accepted in one receive (the kernel's SCM_MAX_FD).
 MAX_FDS_PER_MESSAGE = 253
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+# Plain ints: ``int & socket.MSG_CTRUNC`` goes through IntFlag.__rand__ (about 0.4 us a call).
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _MIN_CHUNK = 64 * 1024
 _SEND_TIMEOUT = 10.0
 #: Buffers per sendmsg (the kernel refuses more than IOV_MAX, 1024 on Linux).
 _IOV_GROUP = 512
+#: Replies up to this many bytes in all are joined into one buffer and sent with send().
+_JOIN_MAX = 16 * 1024
 
 
 class Frame(NamedTuple):
@@ -61,6 +66,9 @@ class Frame(NamedTuple):
     error_no: int
     payload: memoryview | None
     fds: list[int]
+
+
+_new_tuple = tuple.__new__  # Frame(...) without NamedTuple.__new__'s Python-level call
 
 
 def _wait_writable(sock, timeout: float) -> bool:
@@ -95,6 +103,9 @@ class Transport:
         self.max_msg_size = max_msg_size
         self.log = log.getChild(name) if name else log
         self._buf = bytearray(_MIN_CHUNK)
+        # A view of _buf kept for slicing (the receive window, payloads). _buf is never resized
+        # in place (a bigger one replaces it), so the export is harmless.
+        self._view = memoryview(self._buf)
         self._start = 0  # first byte of the message being assembled
         self._end = 0  # end of the received bytes
         self._base = 0  # stream offset of _buf[0]
@@ -121,27 +132,28 @@ class Transport:
         if self.framing_error is not None:
             raise self.framing_error
         self._make_room()
-        view = memoryview(self._buf)[self._end :]
         try:
-            n, ancdata, msg_flags, _ = self.sock.recvmsg_into([view], _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            n, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._view[self._end :]], _ANCBUF,
+                                                              _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return []
         except OSError as exc:
             raise ConnectionClosed(f"receive failed: {exc}") from exc
-        finally:
-            view.release()
-        fds = self._collect_fds(ancdata)
-        if msg_flags & socket.MSG_CTRUNC:
-            self.log.error("control data truncated: the peer sent more fds than %d; closing them", MAX_FDS_PER_MESSAGE)
-            close_fds(fds)
-            fds = []
+        if ancdata or msg_flags & _MSG_CTRUNC:
+            fds = self._collect_fds(ancdata)
+            if msg_flags & _MSG_CTRUNC:
+                self.log.error("control data truncated: the peer sent more fds than %d; closing them",
+                               MAX_FDS_PER_MESSAGE)
+                close_fds(fds)
+                fds = []
+            if fds and n:
+                chunk_start = self._base + self._end
+                self._fd_chunks.append((chunk_start, chunk_start + n, fds))
+            elif fds:
+                close_fds(fds)
         if n == 0:
-            close_fds(fds)
             raise ConnectionClosed("peer closed the connection")
-        chunk_start = self._base + self._end
         self._end += n
-        if fds:
-            self._fd_chunks.append((chunk_start, chunk_start + n, fds))
         return self._frames()
 
     @staticmethod
@@ -173,6 +185,7 @@ class Transport:
             new = bytearray(self._end + need)
             new[: self._end] = self._buf[: self._end]
             self._buf = new
+            self._view = memoryview(new)
 
     def _frames(self) -> list[Frame]:
         frames: list[Frame] = []
@@ -191,7 +204,7 @@ class Transport:
                     raise self.framing_error
                 break  # hand over what came before; the error surfaces next
             stream_start = self._base + start
-            fds = self._fds_for(stream_start, size)
+            fds = self._fds_for(stream_start, size) if self._fd_chunks else []
             if size > self.max_msg_size:
                 available = self._end - start
                 skip = min(size, available)
@@ -203,9 +216,9 @@ class Transport:
                 if fds:  # not complete yet: keep its fds for next time
                     self._fd_chunks.appendleft((stream_start, stream_start + 1, fds))
                 break
-            payload = memoryview(buf)[start + HEADER_SIZE : start + size]
             self._start = start + size
-            frames.append(Frame(msg_id, cmd, size, flags, error_no, payload, fds))
+            frames.append(_new_tuple(Frame, (msg_id, cmd, size, flags, error_no,
+                                             self._view[start + HEADER_SIZE : start + size], fds)))
         return frames
 
     def _fds_for(self, stream_start: int, size: int) -> list[int]:
@@ -230,14 +243,46 @@ class Transport:
     # -- sending -----------------------------------------------------------------
 
     def send(self, buffers, fds=()) -> None:
-        """Send ``buffers`` (a bytes-like object or a list of them) in order, as one unit
+        """Send ``buffers`` (a byte buffer or a list of them: bytes, bytearray, memoryview of
+        format ``B``) in order, as one unit
         that other threads' sends never interleave with; ``fds`` travel with the first
         byte. Blocks (up to 10 s) while the socket is full."""
         if isinstance(buffers, (bytes, bytearray, memoryview)):
             buffers = [buffers]
-        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._send_lock:
+            if len(buffers) <= _IOV_GROUP:
+                # Fast path: one system call that takes everything (the usual case). Small
+                # replies without fds are joined and sent with send(): cheaper than sendmsg
+                # with one iovec each (1.7 against 2.6 µs for 16 replies of 36 bytes).
+                total = sum(map(len, buffers))
+                try:
+                    if anc:
+                        sent = self.sock.sendmsg(buffers, anc)
+                    elif len(buffers) == 1:
+                        sent = self.sock.send(buffers[0])
+                    elif total <= _JOIN_MAX:
+                        sent = self.sock.send(b"".join(buffers))
+                    else:
+                        sent = self.sock.sendmsg(buffers)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    raise ConnectionClosed(f"send failed: {exc}") from exc
+                else:
+                    anc = []
+                if sent == total:
+                    return
+            else:
+                sent = 0
+            views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+            while sent:  # what the fast path got out already
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
             while views:
                 group = views[:_IOV_GROUP]
                 try:

@@ -246,6 +246,8 @@ class PciDevice(DeviceIo):
         #: Runs deferred work (see :meth:`defer`).
         self.worker = DeviceWorker(type(self).__name__)
         self._realized = False
+        #: per region ``(size, window, is_io)``, built on first access (see :meth:`_routes_table`)
+        self._routes: tuple[tuple[int, int, bool], ...] | None = None
         self._unclaimed_seen: set[tuple[int, int, int, str]] = set()
         self._build_header()
         with self.io.transaction() as tx:
@@ -294,6 +296,7 @@ class PciDevice(DeviceIo):
             raise BarError(f"{bar!r} already belongs to a device")
         bar.index, bar.device = index, self
         self.bars[index] = bar
+        self._routes = None
         reg = PCI_BASE_ADDRESS_0 + 4 * index
         value, mask = bar.type_bits(), bar.address_mask()
         self.config.set_dword(reg, value)
@@ -309,6 +312,7 @@ class PciDevice(DeviceIo):
             raise BarError("the ROM can be set once, before the device is served")
         rom.index, rom.device = ROM_REGION, self
         self.rom = rom
+        self._routes = None
         self.config.set_dword(PCI_ROM_ADDRESS, 0)
         self.config.set_wmask_dword(PCI_ROM_ADDRESS, rom.address_mask())
         with self.io.transaction() as tx:
@@ -408,42 +412,55 @@ class PciDevice(DeviceIo):
         if size <= 0 or offset < 0 or offset + size > limit:
             raise RegionAccessError(f"region {index}: [{offset:#x}, +{size:#x}) outside its {limit:#x} bytes")
 
+    def _routes_table(self) -> tuple[tuple[int, int, bool], ...]:
+        """``(size, window, is_io)`` of every region: what an access needs, looked up once."""
+        self._routes = tuple((self.region_size(i), *self._region_bus_window(i)) for i in range(NUM_REGIONS))
+        return self._routes
+
     def region_read(self, index: int, offset: int, data: bytearray | memoryview) -> None:
         """A read of region ``index`` at ``offset`` into ``data``, through the IoManager.
 
         Unclaimed offsets read as all-ones (logged, never fatal).
         """
-        self._check_access(index, offset, len(data))
-        window, is_io = self._region_bus_window(index)
-        mgr = self.io.current
-        with self.lock:
-            try:
-                if is_io:
-                    mgr.pio_read(window + offset, data)
-                else:
-                    mgr.mmio_read(window + offset, data)
-            except NoDevice as exc:
-                data[:] = b"\xff" * len(data)
-                self._unclaimed(index, offset, len(data), "read", exc)
+        size = len(data)
+        if 0 <= index < NUM_REGIONS:
+            limit, window, is_io = (self._routes or self._routes_table())[index]
+            if size > 0 and offset >= 0 and offset + size <= limit:
+                mgr = self.io.current
+                with self.lock:
+                    try:
+                        if is_io:
+                            mgr.pio_read(window + offset, data)
+                        else:
+                            mgr.mmio_read(window + offset, data)
+                    except NoDevice as exc:
+                        data[:] = b"\xff" * size
+                        self._unclaimed(index, offset, size, "read", exc)
+                return
+        self._check_access(index, offset, size)  # raises RegionAccessError
 
     def region_write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         """A write of ``data`` to region ``index`` at ``offset``, through the IoManager.
 
         Writes to unclaimed offsets are dropped (logged, never fatal).
         """
-        self._check_access(index, offset, len(data))
-        if index == ROM_REGION:
-            return
-        window, is_io = self._region_bus_window(index)
-        mgr = self.io.current
-        with self.lock:
-            try:
-                if is_io:
-                    mgr.pio_write(window + offset, data)
-                else:
-                    mgr.mmio_write(window + offset, data)
-            except NoDevice as exc:
-                self._unclaimed(index, offset, len(data), "write", exc)
+        size = len(data)
+        if 0 <= index < NUM_REGIONS:
+            limit, window, is_io = (self._routes or self._routes_table())[index]
+            if size > 0 and offset >= 0 and offset + size <= limit:
+                if index == ROM_REGION:
+                    return
+                mgr = self.io.current
+                with self.lock:
+                    try:
+                        if is_io:
+                            mgr.pio_write(window + offset, data)
+                        else:
+                            mgr.mmio_write(window + offset, data)
+                    except NoDevice as exc:
+                        self._unclaimed(index, offset, size, "write", exc)
+                return
+        self._check_access(index, offset, size)  # raises RegionAccessError
 
     def _unclaimed(self, index: int, offset: int, size: int, op: str, exc: NoDevice) -> None:
         key = (index, offset, size, op)

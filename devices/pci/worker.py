@@ -38,6 +38,7 @@ class DeviceWorker:
         self.epoch = 0
         self._running_epoch = 0
         self._gate = 0
+        self._holder: int | None = None
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._busy = False
@@ -49,7 +50,8 @@ class DeviceWorker:
             # A task submitted by a running task belongs to that task's epoch, so a task that was
             # running when the device was reset cannot keep itself alive by re-submitting.
             epoch = self._running_epoch if threading.current_thread() is self._thread else self.epoch
-            if self._gate:
+            # Held: the holding thread's tasks, and anything submitted behind them (order is kept).
+            if self._held or (self._gate and self._holder == threading.get_ident()):
                 self._held.append((delay, epoch, fn, args))
                 return
             self._push(delay, epoch, fn, args)
@@ -63,15 +65,24 @@ class DeviceWorker:
         self._cond.notify_all()
 
     def hold(self) -> None:
-        """Keep new tasks back until the matching :meth:`release` (nestable)."""
-        with self._cond:
-            self._gate += 1
+        """Keep the tasks this thread submits back until the matching :meth:`release` (nestable).
+
+        Tasks other threads submit meanwhile are held only if held tasks are waiting (so
+        submission order is kept). One thread holds at a time: the backend's loop, once per
+        batch of requests. Costs no lock: the gate is that thread's own state.
+        """
+        me = threading.get_ident()
+        if self._gate and self._holder != me:
+            raise RuntimeError(f"worker {self.name} is held by another thread")
+        self._holder = me
+        self._gate += 1
 
     def release(self) -> None:
-        """Let the tasks submitted since :meth:`hold` run."""
-        with self._cond:
-            self._gate -= 1
-            if self._gate == 0 and self._held:
+        """Let the tasks submitted since :meth:`hold` run (takes the lock only if some were)."""
+        self._gate -= 1
+        if self._gate == 0 and self._held:
+            # Only the holder fills an empty _held, so "empty" cannot change under us here.
+            with self._cond:
                 held, self._held = self._held, []
                 for delay, epoch, fn, args in held:
                     self._push(delay, epoch, fn, args)
