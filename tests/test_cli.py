@@ -105,11 +105,24 @@ def test_params_and_device_paths(sockdir):
         (["serve", "nosuch", "--socket", "X"], "unknown device 'nosuch'"),
         (["serve", "idio16", "--socket", "X", "--param", "loopback"], "expected key=value"),
         (["serve", "idio16", "--socket", "X", "--param", "colour=red"], "no parameter 'colour'"),
+        (["serve", "idio16", "--socket", "X", "--poll-us", "-5"], "-5 is outside 0..1000000"),
+        (["serve", "idio16", "--socket", "X", "--poll-us", "soon"], "'soon' is not a number"),
     ],
 )
 def test_bad_arguments(args, message):
     result = subprocess.run(VFIOUSER + args, capture_output=True, text=True, timeout=20)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_poll_us_server_answers(sockdir):
+    path = os.path.join(sockdir, "p.sock")
+    proc, _ = start(["serve", "idio16", "--socket", path, "--poll-us", "50"])
+    try:
+        with Client.connect(path) as c:
+            c.region_write(2, 0, b"\x5a")
+            assert c.region_read(2, 0, 1) == b"\x5a"
+    finally:
+        stop(proc)
 
 
 def test_verbose_logs_decoded_messages(sockdir):

@@ -178,3 +178,32 @@ def test_deferred_work_waits_for_the_reply_of_its_batch(rigs):
         time.sleep(0)  # let the worker run what it may
     assert dev.worker.wait_idle(5)
     assert started_before_reply == []
+
+
+def test_busy_polling_server_serves_in_order_and_stops_promptly(no_fd_leak, serve):
+    from vfiouser.client import Client
+
+    dev = ProbeDevice()
+    server = serve(dev, poll_us=200)
+    with Client.connect(server.path) as c:
+        for i in range(50):
+            c.region_write(0, 4 * i, i.to_bytes(4, "little"))
+            assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
+        c.region_write(0, 0x804, b"\0\0\0\0", posted=True)
+        assert c.region_read(0, 0x804, 4) == (1).to_bytes(4, "little")  # the posted write arrived first
+    assert server.wait_idle(5)  # the session ended: the loop went back to sleeping in epoll
+    started = time.monotonic()
+    server.stop()
+    assert server._loop_done.wait(2)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("value", [-1, 2e6])
+def test_poll_us_outside_its_range_is_refused(sockdir, value):
+    import os
+
+    from vfiouser.server import Server
+
+    with pytest.raises(ValueError, match="poll_us"):
+        Server(ProbeDevice(), os.path.join(sockdir, "p.sock"), poll_us=value)
+    assert not os.path.exists(os.path.join(sockdir, "p.sock"))

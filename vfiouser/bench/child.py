@@ -40,6 +40,8 @@ class ServeSpec:
     mmap: bool = False
     write_multiple: bool = True
     count_messages: bool = False
+    #: the server's ``poll_us`` (busy-polling after each wake-up; 0: none)
+    poll_us: float = 0.0
     #: CPUs the server runs on (None: the parent's)
     cpus: tuple[int, ...] | None = None
 
@@ -128,7 +130,8 @@ def _serve_child(spec: ServeSpec) -> None:
     try:
         dev = BenchDevice(mmap=spec.mmap)
         counter = MessageCounter() if spec.count_messages else None
-        server = Server(dev, spec.path, caps=ServerCapabilities(write_multiple=spec.write_multiple), tracer=counter)
+        server = Server(dev, spec.path, caps=ServerCapabilities(write_multiple=spec.write_multiple), tracer=counter,
+                        poll_us=spec.poll_us)
     except Exception as exc:  # reported to the parent, which raises it
         reply({"error": f"{type(exc).__name__}: {exc}"})
         return

@@ -11,6 +11,7 @@ slot    device                                                         key
 06.0    the same, QEMU told ``x-no-posted-writes=on``                  ``nonposted``
 07.0    the same, server does not advertise ``write_multiple``         ``nowm``
 08.0    bench device with a shared (mmap-able) BAR2                    ``mmapdev``
+09.0    bench device, server busy-polls 50 µs after each message       ``poll``
 ======  =============================================================  ===========
 
 pci-testdev (hw/misc/pci-testdev.c): BAR0 is 4 KiB of MMIO and BAR1 256 bytes
@@ -48,6 +49,8 @@ BENCH_ID = 0xBE4C_1234
 MMIO_BASE = 0xE000_0000
 IO_BASE = 0xC000
 OFFSET = 0x10  # where cases access a BAR
+#: what the ``poll`` server busy-polls, µs (the CLI's ``--poll-us``)
+POLL_US = 50
 DRAIN_OFFSET = 0x20
 
 _READ = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}
@@ -89,6 +92,7 @@ TARGETS = {
     "nonposted": Target("nonposted", 6, 2, "Python server, x-no-posted-writes=on"),
     "nowm": Target("nowm", 7, 3, "Python server, write_multiple not advertised"),
     "mmapdev": Target("mmapdev", 8, 4, "Python server, device with an mmap-able BAR"),
+    "poll": Target("poll", 9, 5, "Python server, busy-polling 50 µs (--poll-us 50)"),
 }
 
 
@@ -131,6 +135,9 @@ def latency_cases() -> list[Case]:
               for s in (1, 4, 8)]
     cases += [Case("memory BAR", "read", 4, "sync, write_multiple not advertised", "nowm", "mem"),
               Case("memory BAR", "write", 4, "posted, write_multiple not advertised", "nowm", "mem", posted=True)]
+    cases += [Case("I/O BAR", "read", 4, f"sync, server busy-polls {POLL_US} µs", "poll", "io"),
+              Case("memory BAR", "read", 4, f"sync, server busy-polls {POLL_US} µs", "poll", "mem"),
+              Case("memory BAR", "write", 4, f"posted, server busy-polls {POLL_US} µs", "poll", "mem", posted=True)]
     return cases
 
 
@@ -164,6 +171,7 @@ class LatencyRig:
             "python": ServeSpec(os.path.join(self._dir, "python.sock")),
             "nonposted": ServeSpec(os.path.join(self._dir, "nonposted.sock")),
             "nowm": ServeSpec(os.path.join(self._dir, "nowm.sock"), write_multiple=False),
+            "poll": ServeSpec(os.path.join(self._dir, "poll.sock"), poll_us=POLL_US),
         }
         if mmap:
             specs["mmapdev"] = ServeSpec(os.path.join(self._dir, "mmapdev.sock"), mmap=True)

@@ -205,6 +205,10 @@ def _latency_section(results: dict) -> list[str]:
         "* *write_multiple not advertised*: QEMU 11.1.3's `VFIO_PROXY_USE_MULTI` flag value overlaps "
         "`FORCE_QUEUED`, so a server that advertises `write_multiple` (ours does by default) also has every "
         "message sent through QEMU's queue; these rows show what that costs.",
+        "* *server busy-polls*: a server started with `poll_us=50` (`vfiouser serve --poll-us 50`) keeps "
+        "polling its socket for 50 µs after each wake-up instead of sleeping at once, so a request that comes "
+        "within that time is taken without waking the process. It costs CPU time; it pays off when the server has "
+        "a CPU of its own. Off by default.",
         f"* Reference from the issue, not measured here: floor ≈ {REFERENCE['floor_us']} µs, libvfio-user C "
         f"server ≈ {REFERENCE['c_server_us']} µs ({REFERENCE['c_ratio']}×) per 4-byte read on this machine kind, "
         "placement unknown.",
