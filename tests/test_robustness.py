@@ -187,6 +187,62 @@ def test_unpollable_resample_fd_is_refused(no_fd_leak, serve, tmp_path):
     server.wait_idle(5)
 
 
+def test_refused_then_accepted_resample_fd_leaves_nothing_polled_at_high_fd_numbers(no_fd_leak, serve, tmp_path):
+    """The fds a client sends arrive above 256 (CPython caches smaller ints, so equal fd
+    numbers are then distinct objects): the loop must still forget a resample eventfd when
+    the session ends, or the client's copy keeps waking it and the number stays taken."""
+    from vfiouser.protocol import IrqIndex, IrqSetFlags
+
+    unmask = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_UNMASK
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(300)]
+    path = tmp_path / "plain-file"
+    path.write_bytes(b"")
+    unpollable, resample = os.open(path, os.O_RDONLY), os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        server = serve(ProbeDevice())
+        with Client.connect(server.path) as c:
+            with pytest.raises(ErrorReply):
+                c.set_irqs(IrqIndex.INTX, unmask, 0, 1, fds=[unpollable])
+            c.set_irqs(IrqIndex.INTX, unmask, 0, 1, fds=[resample])  # same number in the server
+        assert server.wait_idle(5)
+        os.eventfd_write(resample, 1)  # the client's copy is signalled after the session ended
+        started = time.process_time()
+        time.sleep(0.5)
+        assert time.process_time() - started < 0.2, "the server loop spins"
+        next_client_works(server)
+        next_client_works(server)
+    finally:
+        for fd in (*filler, unpollable, resample):
+            os.close(fd)
+
+
+def test_idle_busy_polling_server_sleeps(sockdir):
+    """``--poll-us`` spins only after work: an idle server costs no CPU, even at its maximum."""
+    import subprocess
+    import sys
+
+    sock = os.path.join(sockdir, "idle.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", sock,
+                             "--poll-us", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        proc.stdout.readline()  # listening
+        with Client.connect(sock) as c:  # some work first, then the client leaves
+            c.config_read(0)
+        time.sleep(1.5)  # the spin after the last message ends (1 s at most)
+
+        def cpu_seconds() -> float:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu_seconds()
+        time.sleep(2.5)  # spans at least two of the loop's 1 s epoll timeouts
+        assert cpu_seconds() - before < 0.25
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_server_close_drops_waiting_second_clients(sockdir):
     from vfiouser.server import serve_in_thread
 

@@ -73,9 +73,15 @@ class _Poller:
         self.entries[fd] = (fileobj, callback)
 
     def unregister(self, fileobj) -> None:
-        fd = self._fd(fileobj)
-        if self.entries.get(fd, (None,))[0] is not fileobj:  # e.g. a closed socket (fd -1): find it
-            fd = next((f for f, (obj, _) in self.entries.items() if obj is fileobj), -1)
+        """Stop watching ``fileobj``: an fd number (matched by value), or the object that was
+        registered (matched by identity, so a socket closed since, whose ``fileno()`` is -1,
+        is still found)."""
+        if isinstance(fileobj, int):
+            fd = fileobj
+        else:
+            fd = fileobj.fileno()
+            if self.entries.get(fd, (None,))[0] is not fileobj:
+                fd = next((f for f, (obj, _) in self.entries.items() if obj is fileobj), -1)
         if self.entries.pop(fd, None) is None:
             raise KeyError(f"{fileobj!r} is not registered")
         try:
@@ -210,7 +216,7 @@ class Server:
                         continue
                 else:
                     events = poll(1.0)
-                if spin:
+                if spin and events:  # only after work: an idle server sleeps
                     spin_until = monotonic() + spin
                 for fd, _ in events:
                     entry = entries.get(fd)
@@ -304,17 +310,26 @@ class Server:
         if self.session is not None:
             log.warning("a second client connected while %s is served; answering EBUSY", self.session.name)
             conn.setblocking(False)
+            try:
+                self._sel.register(conn, self._on_busy_client)
+            except Exception:
+                conn.close()
+                raise
             self._busy[conn] = (time.monotonic() + BUSY_CLIENT_DEADLINE, bytearray())
-            self._sel.register(conn, self._on_busy_client)
             return
         self.sessions_served += 1
         name = f"client{self.sessions_served}"
         log.info("%s connected", name)
-        self._idle.clear()
-        self.session = Session(
+        session = Session(
             conn, self.endpoint, name=name, caps=self.caps, tracer=self.tracer, watch=self._watch, unwatch=self._unwatch
         )
-        self._sel.register(conn, self._on_session)
+        try:
+            self._sel.register(conn, self._on_session)
+        except Exception:  # nothing of it is left behind; the next client gets a clean start
+            session.close()
+            raise
+        self._idle.clear()
+        self.session = session
 
     def _on_session(self, conn) -> None:
         session = self.session
@@ -377,8 +392,8 @@ class Server:
     # -- extra fds a session wants polled (INTx resample eventfd) ----------------
 
     def _watch(self, fd: int, callback) -> None:
+        self._sel.register(fd, lambda _f: callback())  # raises for an fd epoll cannot watch
         self._watched[fd] = callback
-        self._sel.register(fd, lambda _f: callback())
 
     def _unwatch(self, fd: int) -> None:
         if self._watched.pop(fd, None) is not None:
