@@ -170,3 +170,40 @@ def test_send_large_buffers_and_fds():
         os.close(fd)
     t.close()
     peer.close()
+
+
+class ShortWriter:
+    """A socket whose first send takes only ``first`` bytes (as a full AF_UNIX socket may)."""
+
+    def __init__(self, first: int) -> None:
+        self.first, self.out = first, bytearray()
+
+    def setblocking(self, flag):
+        pass
+
+    def _take(self, data: bytes) -> int:
+        n = min(len(data), self.first) if self.first is not None else len(data)
+        self.first = None
+        self.out += data[:n]
+        return n
+
+    def send(self, data):
+        return self._take(memoryview(data).tobytes())
+
+    def sendmsg(self, buffers, anc=()):
+        return self._take(b"".join(memoryview(b).tobytes() for b in buffers))
+
+
+@pytest.mark.parametrize("shape", ["single", "list", "with fds"])
+def test_partial_send_of_a_wide_memoryview_is_finished(shape):
+    """``len()`` of a memoryview of 4-byte items counts items: a first send that takes
+    exactly that many bytes must not pass for the whole message."""
+    words = memoryview(array.array("I", range(1024)))  # 4096 bytes, 1024 items
+    sock = ShortWriter(first=len(words) + (16 if shape != "single" else 0))
+    t = Transport(sock)
+    if shape == "single":
+        t.send(words)
+    else:
+        t.send([b"h" * 16, words], [0] if shape == "with fds" else ())
+    assert bytes(sock.out).endswith(words.tobytes())
+    assert len(sock.out) == words.nbytes + (16 if shape != "single" else 0)
