@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 
@@ -14,6 +15,28 @@ from vfiouser.server import serve_in_thread
 def open_fds() -> set[int]:
     """The fds this process has open (from /proc)."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def eventfd() -> int:
+    """A non-blocking eventfd, as a client hands the server for an interrupt."""
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def fired(fd: int, timeout: float = 1.0) -> int:
+    """How many times the eventfd was signalled (0 if not within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return 0
+            time.sleep(0.005)
+
+
+def real_parts_required() -> bool:
+    """Under scripts/test and in CI a missing QEMU, guest or guest tool fails the run."""
+    return os.environ.get("VFIOUSER_REQUIRE_QEMU") == "1" or bool(os.environ.get("CI"))
 
 
 @pytest.fixture
@@ -53,17 +76,13 @@ def no_fd_leak():
     assert not leaked, f"fds left open: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
 
 
-def _qemu_required() -> bool:
-    return os.environ.get("VFIOUSER_REQUIRE_QEMU") == "1" or bool(os.environ.get("CI"))
-
-
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
     """The QEMU to test against. Missing QEMU fails the run in CI and under scripts/test."""
     try:
         return find_qemu()
     except QemuNotFound as exc:
-        if _qemu_required():
+        if real_parts_required():
             pytest.fail(f"real-QEMU tests required but {exc}", pytrace=False)
         pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
 
@@ -76,7 +95,7 @@ def guest_assets():
     try:
         return GuestAssets.find()
     except GuestAssetsMissing as exc:
-        if _qemu_required():
+        if real_parts_required():
             pytest.fail(f"guest tests required but {exc}", pytrace=False)
         pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
 

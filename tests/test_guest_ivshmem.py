@@ -17,6 +17,8 @@ import pytest
 from devices.ivshmem import Ivshmem
 from vfiouser.server import serve_in_thread
 
+from .conftest import real_parts_required
+
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +45,7 @@ def shmpoke(tmp_path_factory):
     """tests/guest/shmpoke.c, built static and freestanding for the guest."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        if os.environ.get("VFIOUSER_REQUIRE_QEMU") == "1" or os.environ.get("CI"):
+        if real_parts_required():
             pytest.fail("gcc is needed to build the guest's shmpoke tool", pytrace=False)
         pytest.skip("gcc is needed to build the guest's shmpoke tool")
     out = tmp_path_factory.mktemp("shmpoke") / "shmpoke"

@@ -6,8 +6,6 @@ without an fd, then one vector per unmasked table entry).
 """
 
 import errno
-import os
-import time
 
 import pytest
 
@@ -15,26 +13,13 @@ from vfiouser.client import Client
 from vfiouser.errors import ErrorReply
 from vfiouser.protocol import IrqIndex, IrqInfoFlags, IrqSetFlags
 
+from .conftest import eventfd, fired
 from .vector_probe import VectorProbe
 
 EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
 MSI_CAP = 0x40  # first capability
 MSIX_CAP = 0x58  # after the 24-byte MSI capability
 
-
-def eventfd():
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-def fired(fd, timeout=0.5) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return 0
-            time.sleep(0.005)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from vfiouser.protocol import (
     Version,
 )
 
-from .conftest import open_fds
+from .conftest import eventfd, fired, open_fds
 from .probe import ProbeDevice
 
 F = IrqSetFlags
@@ -64,21 +64,6 @@ def expect_error(c: Client, err: int, cmd: int, payload: bytes = b"", *, fds=(),
         c.wait_reply(msg_id, cmd)
     assert exc.value.errno == err, errno.errorcode.get(exc.value.errno)
 
-
-def eventfd():
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-def fired(fd, timeout=1.0) -> int:
-    """How many times the eventfd was signalled (0 if not within ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return 0
-            time.sleep(0.005)
 
 
 def set_irq_payload(flags, index, start, count, data=b"", argsz=None):

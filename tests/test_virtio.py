@@ -17,26 +17,14 @@ from devices.virtio.pci import STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEED
 from vfiouser.client import Client
 from vfiouser.protocol import IrqIndex, IrqSetFlags
 
+from .conftest import eventfd, fired
+
 SEED = 99
 RAM, RAM_SIZE = 0x100000, 0x100000
 DESC, AVAIL, USED, BUFS = 0x0000, 0x1000, 0x2000, 0x4000  # offsets in guest RAM
 COMMON, ISR, NOTIFY = 0x0000, 0x1000, 0x3000
 EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
 
-
-def eventfd():
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-def fired(fd, timeout=1.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return 0
-            time.sleep(0.005)
 
 
 class Driver:

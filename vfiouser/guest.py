@@ -45,7 +45,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .qemu import find_qemu
+from .qemu import find_qemu, machine_args
 
 __all__ = [
     "GuestAssets",
@@ -294,19 +294,12 @@ class Guest:
         initrd = os.path.join(self._dir, "initramfs.cpio")
         with open(initrd, "wb") as f:
             f.write(build_initramfs(assets, script, modules, files))
-        machine = "q35"
-        cmd = [self.qemu, "-accel", self.accel, "-m", memory, "-smp", str(cpus), "-nodefaults", "-display", "none",
-               "-no-reboot", "-serial", "stdio", "-kernel", assets.kernel, "-initrd", initrd,
+        cmd = [self.qemu, "-accel", self.accel, "-smp", str(cpus), "-no-reboot", "-serial", "stdio",
+               "-kernel", assets.kernel, "-initrd", initrd,
                "-append", f"console={console} panic=-1 loglevel=4 {append}".strip()]
         if self.accel == "kvm":
             cmd += ["-cpu", "host"]
-        if memfd:
-            cmd += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
-            machine += ",memory-backend=mem"
-        cmd += ["-machine", machine]
-        for dev in devices:
-            cmd += ["-device", dev]
-        cmd += list(extra_args)
+        cmd += [*machine_args(devices, memory=memory, memfd=memfd), *extra_args]
         self.cmdline = cmd
         log.debug("booting: %s", " ".join(cmd))
         self.started = time.monotonic()

@@ -24,7 +24,8 @@ import threading
 import time
 from collections import deque
 
-__all__ = ["QemuError", "QemuNotFound", "find_qemu", "has_vfio_user", "QtestMachine", "fetched_qemu_path"]
+__all__ = ["QemuError", "QemuNotFound", "find_qemu", "has_vfio_user", "QtestMachine", "fetched_qemu_path",
+           "machine_args", "qtest_args"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,26 @@ def find_qemu() -> str:
     )
 
 
+def qtest_args(socket_path: str) -> list[str]:
+    """The qtest accelerator, talking on the UNIX socket ``socket_path`` (which must listen)."""
+    # -qtest-log none: otherwise QEMU logs every qtest command to stderr, doubling its cost.
+    return ["-accel", "qtest", "-qtest", f"unix:{socket_path}", "-qtest-log", "none"]
+
+
+def machine_args(devices=(), *, memory: str, memfd: bool = False) -> list[str]:
+    """A q35 with ``memory`` of RAM, a shared memfd when ``memfd`` (so a vfio-user server can
+    reach guest memory in place), and ``devices`` as ``-device`` arguments."""
+    args = ["-m", memory, "-display", "none", "-nodefaults"]
+    machine = "q35"
+    if memfd:
+        args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
+        machine += ",memory-backend=mem"
+    args += ["-machine", machine]
+    for dev in devices:
+        args += ["-device", dev]
+    return args
+
+
 class QtestMachine:
     """A q35 QEMU under the qtest accelerator, with extra ``-device`` arguments.
 
@@ -96,17 +117,8 @@ class QtestMachine:
         self._qtest_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qtest_listener.bind(qtest_path)
         self._qtest_listener.listen(1)
-        machine = "q35"
-        # -qtest-log none: otherwise QEMU logs every qtest command to stderr, doubling its cost.
-        cmd = [self.qemu, "-accel", "qtest", "-qtest", f"unix:{qtest_path}", "-qtest-log", "none", "-display", "none",
-               "-nodefaults", "-m", memory, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        if memfd:
-            cmd += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
-            machine += ",memory-backend=mem"
-        cmd += ["-machine", machine]
-        for dev in devices:
-            cmd += ["-device", dev]
-        cmd += list(args)
+        cmd = [self.qemu, *qtest_args(qtest_path), "-qmp", f"unix:{qmp_path},server=on,wait=off",
+               *machine_args(devices, memory=memory, memfd=memfd), *args]
         self.cmdline = cmd
         self._log = open(self.log_path, "wb")
         log.debug("starting %s", " ".join(cmd))

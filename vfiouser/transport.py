@@ -76,6 +76,17 @@ def _nbytes(buffer) -> int:
     return buffer.nbytes if type(buffer) is memoryview else len(buffer)
 
 
+def _drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first ``sent`` bytes from ``views`` (byte views), in place."""
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+
+
 def _wait_writable(sock, timeout: float) -> bool:
     """Wait until ``sock`` can take more data (poll: fine with fd numbers above 1023)."""
     poller = select.poll()
@@ -282,13 +293,7 @@ class Transport:
             else:
                 sent = 0
             views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
-            while sent:  # what the fast path got out already
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            _drop_sent(views, sent)  # what the fast path got out already
             while views:
                 group = views[:_IOV_GROUP]
                 try:
@@ -300,13 +305,7 @@ class Transport:
                 except OSError as exc:
                     raise ConnectionClosed(f"send failed: {exc}") from exc
                 anc = []
-                while sent:
-                    if sent >= len(views[0]):
-                        sent -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][sent:]
-                        sent = 0
+                _drop_sent(views, sent)
 
     # -- teardown ----------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 
-from ..qemu import QemuError, find_qemu
+from ..qemu import QemuError, find_qemu, machine_args, qtest_args
 
 __all__ = ["LeanQtest", "cfg_address"]
 
@@ -46,16 +46,7 @@ class LeanQtest:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         self._listener.listen(1)
-        machine = "q35"
-        cmd = [self.qemu, "-accel", "qtest", "-qtest", f"unix:{path}", "-qtest-log", "none",
-               "-display", "none", "-nodefaults", "-m", memory]
-        if memfd:
-            cmd += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
-            machine += ",memory-backend=mem"
-        cmd += ["-machine", machine]
-        for dev in devices:
-            cmd += ["-device", dev]
-        cmd += list(args)
+        cmd = [self.qemu, *qtest_args(path), *machine_args(devices, memory=memory, memfd=memfd), *args]
         self.cmdline = cmd
         self.log_path = os.path.join(self._dir, "qemu.log")
         self._log = open(self.log_path, "wb")
