@@ -1,6 +1,6 @@
 """Device models and the PCI device framework they are built on.
 
-``devices.pci`` is the framework; each other module is a model. Built-in models
+``vfiouser.devices.pci`` is the framework; each other module is a model. Built-in models
 are served by name (``vfiouser serve idio16``); any other model by its import
 path (``vfiouser serve mypkg.mymod:MyDevice``).
 """
@@ -14,11 +14,11 @@ __all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadErr
 
 #: Built-in device names and where their classes live.
 BUILTIN_DEVICES: dict[str, str] = {
-    "idio16": "devices.idio16:Idio16",
-    "edu": "devices.edu:Edu",
-    "pci-serial": "devices.serial:PciSerial",
-    "virtio-rng": "devices.virtio.rng:VirtioRng",
-    "ivshmem-plain": "devices.ivshmem:Ivshmem",
+    "idio16": "vfiouser.devices.idio16:Idio16",
+    "edu": "vfiouser.devices.edu:Edu",
+    "pci-serial": "vfiouser.devices.serial:PciSerial",
+    "virtio-rng": "vfiouser.devices.virtio.rng:VirtioRng",
+    "ivshmem-plain": "vfiouser.devices.ivshmem:Ivshmem",
 }
 
 
@@ -28,7 +28,7 @@ class DeviceLoadError(Exception):
 
 def load_device_class(spec: str) -> type:
     """The device class named by ``spec``: a built-in name or ``package.module:Class``."""
-    from devices.pci import PciDevice
+    from vfiouser.devices.pci import PciDevice
 
     path = BUILTIN_DEVICES.get(spec, spec)
     module_name, sep, class_name = path.partition(":")

@@ -74,7 +74,7 @@ Differences a guest can time but not see
 
 from __future__ import annotations
 
-from devices.pci import INTA, DmaError, MemoryBar, PciDevice
+from vfiouser.devices.pci import INTA, DmaError, MemoryBar, PciDevice
 
 __all__ = ["Edu"]
 

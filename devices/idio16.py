@@ -47,7 +47,7 @@ Reset
 
 from __future__ import annotations
 
-from devices.pci import INTA, IoBar, PciDevice
+from vfiouser.devices.pci import INTA, IoBar, PciDevice
 
 __all__ = ["Idio16"]
 

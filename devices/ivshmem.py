@@ -4,7 +4,7 @@ A window of host memory in the guest's physical address space: BAR2 is a file
 (or memfd) that QEMU maps straight into the guest, so guest loads and stores
 there never reach the server, and any host process that opens the same file
 sees the same bytes. This is the framework's shared-area fast path
-(:meth:`devices.pci.MemoryBar.share`) used for real.
+(:meth:`vfiouser.devices.pci.MemoryBar.share`) used for real.
 
 Identity
     vendor 0x1af4, device 0x1110, revision 1, class 0x050000 (RAM memory),
@@ -53,7 +53,7 @@ from __future__ import annotations
 import os
 import re
 
-from devices.pci import MemoryBar, PciDevice
+from vfiouser.devices.pci import MemoryBar, PciDevice
 
 __all__ = ["Ivshmem", "parse_size"]
 

@@ -56,7 +56,7 @@ import sys
 import threading
 from collections import deque
 
-from devices.pci import INTA, IoBar, PciDevice
+from vfiouser.devices.pci import INTA, IoBar, PciDevice
 
 __all__ = ["PciSerial", "SerialBackendError"]
 

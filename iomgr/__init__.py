@@ -3,7 +3,7 @@
 The flow, end to end:
 
 1. **Resources.** A device is given address ranges, described as
-   :mod:`~iomgr.resources` (:class:`PioAddressRange`, :class:`MmioAddressRange`,
+   :mod:`~vfiouser.iomgr.resources` (:class:`PioAddressRange`, :class:`MmioAddressRange`,
    and non-I/O variants such as :class:`LegacyIrq` that the manager ignores).
 2. **Device.** The device implements :class:`DeviceIo` (thread-safe handlers),
    or :class:`DeviceIoMut` wrapped in :class:`LockedDevice`.

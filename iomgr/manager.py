@@ -2,8 +2,8 @@
 
 It holds two independent buses, port I/O (16-bit addresses) and memory-mapped
 I/O (64-bit addresses). A device is registered with a list of
-:mod:`~iomgr.resources`; every :class:`~iomgr.resources.PioAddressRange` and
-:class:`~iomgr.resources.MmioAddressRange` in it becomes a range on the
+:mod:`~vfiouser.iomgr.resources`; every :class:`~vfiouser.iomgr.resources.PioAddressRange` and
+:class:`~vfiouser.iomgr.resources.MmioAddressRange` in it becomes a range on the
 matching bus, all pointing at that one device, and every other variant is
 ignored. An access is routed to the range that contains it; the device gets
 ``(base, offset, data)`` with ``base`` the range's base.
@@ -26,7 +26,7 @@ b'\\x10\\x10'
 >>> mgr.mmio_read(0x10ff, bytearray(2))
 Traceback (most recent call last):
     ...
-iomgr.errors.StraddlingAccess: access straddles the end of [0x1000, +0x100): mmio [0x10ff, +0x2)
+vfiouser.iomgr.errors.StraddlingAccess: access straddles the end of [0x1000, +0x100): mmio [0x10ff, +0x2)
 """
 
 from __future__ import annotations
@@ -137,10 +137,10 @@ def _split(resources: Iterable[Resource]) -> tuple[list[tuple[int, int]], list[t
 
 
 class IoManager:
-    """Dispatches PIO and MMIO accesses to registered :class:`~iomgr.device.DeviceIo` handlers.
+    """Dispatches PIO and MMIO accesses to registered :class:`~vfiouser.iomgr.device.DeviceIo` handlers.
 
     Not locked inside: mutate it from one thread, or use
-    :class:`~iomgr.transaction.CowIoManager` to change it while other threads
+    :class:`~vfiouser.iomgr.transaction.CowIoManager` to change it while other threads
     dispatch through it.
     """
 

@@ -3,7 +3,7 @@
 A :class:`ResourceConstraint` is an allocation *request* (``"I need 0x1000
 bytes of MMIO, 4 KiB aligned"``); a :class:`Resource` is an allocated resource
 (``"MMIO [0xe000_0000, +0x1000)"``). :class:`DeviceResources` is an ordered list
-of resources with typed getters. The :class:`~iomgr.manager.IoManager` only
+of resources with typed getters. The :class:`~vfiouser.iomgr.manager.IoManager` only
 looks at the PIO and MMIO ranges of a list and ignores every other variant, so
 a caller can pass a device's whole resource list without filtering it.
 

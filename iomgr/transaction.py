@@ -7,7 +7,7 @@ publishes them and ``cancel_tx(ctx)`` drops them.
 
 :class:`CowIoManager` implements it copy-on-write, like Dragonball's device
 manager: ``begin_tx`` takes the writer lock and clones the current
-:class:`~iomgr.manager.IoManager`, changes go to that clone, and ``commit_tx``
+:class:`~vfiouser.iomgr.manager.IoManager`, changes go to that clone, and ``commit_tx``
 swaps it in with one reference assignment. A reader takes ``current`` once per
 access and uses that snapshot, so it sees either the whole transaction or none
 of it, never half a change.

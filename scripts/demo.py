@@ -16,14 +16,12 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from devices.idio16 import Idio16  # noqa: E402
-from devices.serial import PciSerial  # noqa: E402
-from devices.virtio import VirtioRng  # noqa: E402
-from vfiouser.guest import Guest, GuestAssets, default_accel  # noqa: E402
-from vfiouser.server import serve_in_thread  # noqa: E402
+from vfiouser.devices.idio16 import Idio16
+from vfiouser.devices.serial import PciSerial
+from vfiouser.devices.virtio import VirtioRng
+from vfiouser.guest import Guest, GuestAssets, default_accel
+from vfiouser.server import serve_in_thread
 
 COLOR = sys.stdout.isatty()
 BOLD, DIM, CYAN, GREEN, YELLOW, RESET = (

@@ -15,8 +15,8 @@ Registers (BAR0 + 0x800):
 
 from __future__ import annotations
 
-from devices.pci import INTA, IoBar, MemoryBar, PciDevice, RomBar
-from iomgr import DeviceIo
+from vfiouser.devices.pci import INTA, IoBar, MemoryBar, PciDevice, RomBar
+from vfiouser.iomgr import DeviceIo
 
 ROM_DATA = b"\x55\xaa" + b"PROBE"
 

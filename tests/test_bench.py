@@ -74,8 +74,8 @@ def test_quick_protocol_section_writes_a_report(quick_protocol_run):
 
 def test_report_says_why_a_section_has_no_numbers(quick_protocol_run):
     results = dict(quick_protocol_run[0])
-    results["mmap"] = {"unavailable": "devices.pci.MemoryBar.share() does not exist yet"}
+    results["mmap"] = {"unavailable": "vfiouser.devices.pci.MemoryBar.share() does not exist yet"}
     results["dma"] = {"error": "RuntimeError: boom"}
     text = render_markdown(results)
-    assert "Not available: devices.pci.MemoryBar.share() does not exist yet" in text
+    assert "Not available: vfiouser.devices.pci.MemoryBar.share() does not exist yet" in text
     assert "Failed: RuntimeError: boom" in text

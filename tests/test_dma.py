@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from devices.pci import (
+from vfiouser.devices.pci import (
     DmaAborted,
     DmaBusMasterDisabled,
     DmaPermissionError,
@@ -199,7 +199,7 @@ def test_dma_with_the_device_lock_held_is_refused(setup):
 
 def test_dma_from_a_register_handler_is_refused(serve):
     """A handler runs in the server loop with the device lock held: DMA there must not hang."""
-    from iomgr import DeviceIo
+    from vfiouser.iomgr import DeviceIo
 
     seen = []
 
@@ -226,7 +226,7 @@ def test_dma_from_a_register_handler_is_refused(serve):
 
 def test_deferred_work_runs_after_the_reply_and_may_do_dma(serve):
     """The documented pattern: a register write defers a task; the task does message DMA."""
-    from iomgr import DeviceIo
+    from vfiouser.iomgr import DeviceIo
 
     done = threading.Event()
     result = []
@@ -423,7 +423,7 @@ def test_dma_on_a_closed_session_is_unavailable_not_unmapped(setup):
 def test_edu_dma_into_a_read_only_map_completes_and_writes_the_rest(serve):
     """A transfer that meets a read-only map finishes (RUN clears, IRQ raised), writes what is
     writable, and the engine takes the next command: it never wedges."""
-    from devices.edu import Edu
+    from vfiouser.devices.edu import Edu
 
     dev = Edu(dma_delay_ms=0)
     server = serve(dev)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from devices.edu import Edu
+from vfiouser.devices.edu import Edu
 from vfiouser.qemu import QtestMachine
 from vfiouser.server import serve_in_thread
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from devices.idio16 import Idio16
+from vfiouser.devices.idio16 import Idio16
 from vfiouser.server import serve_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]

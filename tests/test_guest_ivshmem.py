@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from devices.ivshmem import Ivshmem
+from vfiouser.devices.ivshmem import Ivshmem
 from vfiouser.server import serve_in_thread
 
 from .conftest import real_parts_required

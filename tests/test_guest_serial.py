@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from devices.serial import PciSerial
+from vfiouser.devices.serial import PciSerial
 from vfiouser.server import serve_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from devices.virtio import VirtioRng, entropy_stream
+from vfiouser.devices.virtio import VirtioRng, entropy_stream
 from vfiouser.server import serve_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from devices.idio16 import Idio16
+from vfiouser.devices.idio16 import Idio16
 
 
 class Sink:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iomgr import (
+from vfiouser.iomgr import (
     CowIoManager,
     DeviceIo,
     DeviceIoMut,

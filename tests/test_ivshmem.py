@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from devices.ivshmem import Ivshmem, parse_size
-from devices.pci import BarError, MemoryBar, PciDevice
-from iomgr import DeviceIo
+from vfiouser.devices.ivshmem import Ivshmem, parse_size
+from vfiouser.devices.pci import BarError, MemoryBar, PciDevice
+from vfiouser.iomgr import DeviceIo
 from vfiouser.client import Client
 from vfiouser.protocol import RegionCapId, RegionFlags
 from vfiouser.qemu import QtestMachine

@@ -2,8 +2,8 @@
 
 import pytest
 
-from devices import DeviceLoadError, load_device_class, make_device
-from devices.pci import (
+from vfiouser.devices import DeviceLoadError, load_device_class, make_device
+from vfiouser.devices.pci import (
     INTA,
     PCI_CAP_ID_VNDR,
     PCI_COMMAND,
@@ -20,7 +20,7 @@ from devices.pci import (
     RegionAccessError,
     RomBar,
 )
-from iomgr import DeviceIo
+from vfiouser.iomgr import DeviceIo
 
 from .probe import ROM_DATA, ProbeDevice
 
@@ -359,7 +359,7 @@ def test_reset_fences_a_running_task_that_resubmits_itself():
 def test_a_model_may_keep_deferred_work_across_reset():
     import time
 
-    from devices.edu import Edu
+    from vfiouser.devices.edu import Edu
 
     dev = Edu(dma_delay_ms=0)
     dev.realize()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from devices.idio16 import Idio16
+from vfiouser.devices.idio16 import Idio16
 from vfiouser.qemu import QtestMachine
 
 from .probe import ROM_DATA, ProbeDevice
@@ -221,8 +221,8 @@ def test_model_dma_reads_stay_intact_under_posted_write_load(qemu_binary, serve)
     import threading
     import time as _time
 
-    from devices.pci import MemoryBar, PciDevice
-    from iomgr import DeviceIo
+    from vfiouser.devices.pci import MemoryBar, PciDevice
+    from vfiouser.iomgr import DeviceIo
     from vfiouser.session import DMA_READ_CHUNK
 
     class Slow(DeviceIo):
@@ -284,8 +284,8 @@ def test_write_multi_bursts_from_qemu_keep_every_write_in_order(qemu_binary, ser
     import threading
     import time as _time
 
-    from devices.pci import MemoryBar, PciDevice
-    from iomgr import DeviceIo
+    from vfiouser.devices.pci import MemoryBar, PciDevice
+    from vfiouser.iomgr import DeviceIo
     from vfiouser.protocol import HEADER, Command
     from vfiouser.trace import Tracer
 

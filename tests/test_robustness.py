@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from devices.idio16 import Idio16
+from vfiouser.devices.idio16 import Idio16
 from vfiouser import server as server_module
 from vfiouser.client import Client
 from vfiouser.errors import ErrorReply
@@ -35,7 +35,7 @@ def test_unframeable_header_from_a_client_already_gone(serve):
 def test_large_reply_with_fd_numbers_above_1023(serve):
     """A 1 MiB reply fills the socket, so the server must wait for space; with the connection's
     fd number above FD_SETSIZE (1024) that wait must still work (poll, not select)."""
-    from devices.pci import MemoryBar, PciDevice
+    from vfiouser.devices.pci import MemoryBar, PciDevice
 
     from .probe import Scratch
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from devices.serial import PciSerial, SerialBackendError
+from vfiouser.devices.serial import PciSerial, SerialBackendError
 from vfiouser.client import Client
 
 
@@ -113,7 +113,7 @@ def test_receive_fifo_trigger_and_timeout(uart):
 
 def test_host_input_waits_for_the_guest():
     """The host buffer is bounded: a writer that outpaces the guest blocks rather than loses data."""
-    from devices import serial
+    from vfiouser.devices import serial
 
     dev = PciSerial()
     outb(dev, 2, 0x01)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from devices.idio16 import Idio16
+from vfiouser.devices.idio16 import Idio16
 from vfiouser.client import Client
 from vfiouser.errors import ConnectionClosed, ErrorReply
 from vfiouser.protocol import (

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from devices.virtio import VirtioRng, entropy_stream
-from devices.virtio.pci import STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET
+from vfiouser.devices.virtio import VirtioRng, entropy_stream
+from vfiouser.devices.virtio.pci import STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET
 from vfiouser.client import Client
 from vfiouser.protocol import IrqIndex, IrqSetFlags
 

@@ -12,7 +12,7 @@ MSI   4 vectors, 64-bit address, per-vector masking
 
 from __future__ import annotations
 
-from devices.pci import INTA, MemoryBar, PciDevice
+from vfiouser.devices.pci import INTA, MemoryBar, PciDevice
 
 
 class VectorProbe(PciDevice):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
-from devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device
+from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device
 
 from .errors import VfioUserError
 from .server import Server
@@ -58,6 +59,9 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _cmd_serve(args) -> int:
+    # ``mod:Class`` resolves from the current directory, as ``python -m mod`` would.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         device = make_device(args.device, _parse_params(args.param))
     except DeviceLoadError as exc:

@@ -1,7 +1,7 @@
 """A vfio-user client in Python, for tests and tools that talk to a server without QEMU.
 
 >>> import os, tempfile
->>> from devices.idio16 import Idio16
+>>> from vfiouser.devices.idio16 import Idio16
 >>> from vfiouser.server import serve_in_thread
 >>> path = os.path.join(tempfile.mkdtemp(), "s.sock")
 >>> with serve_in_thread(Idio16(), path):

@@ -30,7 +30,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from devices.pci.dma import DmaPermissionError, DmaUnmapped
+from vfiouser.devices.pci.dma import DmaPermissionError, DmaUnmapped
 
 from .errors import BadDmaRequest
 from .protocol import DmaMapFlags
@@ -234,8 +234,8 @@ class DmaMappings:
     def acquire(self, addr: int, size: int, write: bool) -> list[tuple[DmaRegion, int, int]]:
         """Pin the maps covering ``[addr, addr+size)`` as ``(region, offset, length)`` pieces.
 
-        Raises :class:`~devices.pci.dma.DmaUnmapped` for a gap and
-        :class:`~devices.pci.dma.DmaPermissionError` for a direction the map forbids.
+        Raises :class:`~vfiouser.devices.pci.dma.DmaUnmapped` for a gap and
+        :class:`~vfiouser.devices.pci.dma.DmaPermissionError` for a direction the map forbids.
         """
         end = addr + size
         pieces = []

@@ -1,6 +1,6 @@
 """The served device as the vfio-user protocol sees it.
 
-A :class:`DeviceEndpoint` wraps one :class:`devices.pci.PciDevice` for the whole
+A :class:`DeviceEndpoint` wraps one :class:`vfiouser.devices.pci.PciDevice` for the whole
 life of a server: it realizes the model, answers the questions about regions
 and interrupts that DEVICE_GET_INFO, GET_REGION_INFO and GET_IRQ_INFO ask, and
 routes the model's interrupts and DMA to whichever session is connected (or
@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from devices.pci import NUM_REGIONS, PciDevice, RegionKind
-from devices.pci.dma import DmaUnavailable
+from vfiouser.devices.pci import NUM_REGIONS, PciDevice, RegionKind
+from vfiouser.devices.pci.dma import DmaUnavailable
 
 from .protocol import IrqIndex, RegionCapId, RegionFlags
 

@@ -11,7 +11,7 @@ One thread runs the loop (:meth:`Server.serve_forever`); :meth:`Server.stop`
 may be called from any thread or a signal handler.
 
 >>> import tempfile, os
->>> from devices.idio16 import Idio16
+>>> from vfiouser.devices.idio16 import Idio16
 >>> path = os.path.join(tempfile.mkdtemp(), "idio16.sock")
 >>> with Server(Idio16(), path) as server:
 ...     print(server.qemu_device_json())  # doctest: +ELLIPSIS
@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 
-from devices.pci import PciDevice
+from vfiouser.devices.pci import PciDevice
 
 from .endpoint import DeviceEndpoint
 from .errors import VfioUserError

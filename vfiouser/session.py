@@ -40,8 +40,8 @@ import threading
 from contextlib import closing
 from dataclasses import dataclass, field
 
-from devices.pci import RegionAccessError
-from devices.pci.dma import DmaAborted, DmaBusMasterDisabled, DmaError, DmaUnavailable, DmaWouldDeadlock
+from vfiouser.devices.pci import RegionAccessError
+from vfiouser.devices.pci.dma import DmaAborted, DmaBusMasterDisabled, DmaError, DmaUnavailable, DmaWouldDeadlock
 
 from .dma import DmaMappings
 from .endpoint import DeviceEndpoint

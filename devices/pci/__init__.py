@@ -1,6 +1,6 @@
 """The PCI device framework: config space, BARs, interrupts, and the device base class.
 
-Start with :class:`PciDevice` (``devices.pci.device``); ``docs/writing-a-device.md``
+Start with :class:`PciDevice` (``vfiouser.devices.pci.device``); ``docs/writing-a-device.md``
 walks through a complete model.
 """
 

@@ -5,7 +5,7 @@
 * :class:`RomBar` - the expansion ROM (BAR at 0x30), 2 KiB to 1 MiB, read-only contents
   (QEMU reads a whole ROM in one message, which may not exceed 1 MiB).
 
-Sizes are powers of two. A BAR is given to :meth:`devices.pci.PciDevice.add_bar`,
+Sizes are powers of two. A BAR is given to :meth:`vfiouser.devices.pci.PciDevice.add_bar`,
 which programs its register in config space (type bits read-only, address bits
 above the size writable, so the guest's sizing write of all-ones reads back the
 size mask) and gives it a *window* in the device's IoManager. Handlers are then
@@ -31,7 +31,7 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
-from iomgr import DeviceIo, MmioAddressRange, PioAddressRange, Resource
+from vfiouser.iomgr import DeviceIo, MmioAddressRange, PioAddressRange, Resource
 
 from .config import (
     PCI_BASE_ADDRESS_MEM_PREFETCH,

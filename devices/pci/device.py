@@ -17,7 +17,7 @@ attributes, declares its BARs in ``__init__`` and maps handlers onto them::
 
 The framework builds the configuration space (type-0 header, BAR registers,
 capability list), the region table a backend serves, and an
-:class:`~iomgr.CowIoManager` in which every region has a *window* (see
+:class:`~vfiouser.iomgr.CowIoManager` in which every region has a *window* (see
 :meth:`PciDevice.region_window`): config space, the ROM and memory BARs on the
 MMIO bus, I/O BARs on the PIO bus. A backend (the vfio-user server, or another
 transport) turns each region access into :meth:`PciDevice.region_read` /
@@ -40,7 +40,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from iomgr import CowIoManager, DeviceIo, MmioAddressRange, NoDevice
+from vfiouser.iomgr import CowIoManager, DeviceIo, MmioAddressRange, NoDevice
 
 from .bars import Bar, BarError, RomBar
 from .dma import NO_BACKEND, Dma
@@ -152,7 +152,7 @@ class InterruptSink(Protocol):
 
 
 class DeviceBackend(InterruptSink, Protocol):
-    """Everything a backend provides to a model: interrupts and DMA (see :mod:`devices.pci.dma`).
+    """Everything a backend provides to a model: interrupts and DMA (see :mod:`vfiouser.devices.pci.dma`).
 
     ``msi``/``msix`` send one vector and return whether they could (False: no
     route for it yet; the framework holds it pending and calls
@@ -241,7 +241,7 @@ class PciDevice(DeviceIo):
         self.msi: MsiCapability | None = None
         #: The MSI-X capability, once :meth:`add_msix` created it.
         self.msix: MsixCapability | None = None
-        #: Guest memory, for DMA (see :mod:`devices.pci.dma`).
+        #: Guest memory, for DMA (see :mod:`vfiouser.devices.pci.dma`).
         self.dma = Dma(self)
         #: Runs deferred work (see :meth:`defer`).
         self.worker = DeviceWorker(type(self).__name__)

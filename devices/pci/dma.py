@@ -13,7 +13,7 @@ messages to QEMU. The model does not see the difference, except for one rule:
 
 **Do DMA from deferred work, never from a register handler.** A handler runs
 while QEMU may be waiting for its reply, and QEMU cannot answer a DMA message
-until then. :meth:`devices.pci.PciDevice.defer` runs a function after the
+until then. :meth:`vfiouser.devices.pci.PciDevice.defer` runs a function after the
 current request is answered, on the device's worker thread, without the
 device lock; take ``self.lock`` around register state, not around DMA.
 A DMA call made from a handler or with the device lock held raises

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from iomgr import DeviceIo
+from vfiouser.iomgr import DeviceIo
 
 from .config import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, ConfigSpaceError
 

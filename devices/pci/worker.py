@@ -3,7 +3,7 @@
 Device operations that take time or wait for the client (DMA, a computation,
 a timer) must not run inside a register handler: QEMU waits for the handler's
 reply and cannot serve the device meanwhile. A handler calls
-:meth:`devices.pci.PciDevice.defer` instead; the task runs on the device's
+:meth:`vfiouser.devices.pci.PciDevice.defer` instead; the task runs on the device's
 worker thread, in submission order, once the backend has sent the replies of
 the batch of requests being processed (the backend *holds* the worker while it
 dispatches and *releases* it after replying), and after an optional delay.

@@ -1,8 +1,8 @@
 """Virtio devices over modern virtio-pci: the transport, split virtqueues, and the models.
 
-* :mod:`devices.virtio.pci` - :class:`VirtioPciDevice`, the virtio 1.x PCI transport;
-* :mod:`devices.virtio.queue` - :class:`SplitQueue`, the device side of a split virtqueue;
-* :mod:`devices.virtio.rng` - :class:`VirtioRng`, an entropy source.
+* :mod:`vfiouser.devices.virtio.pci` - :class:`VirtioPciDevice`, the virtio 1.x PCI transport;
+* :mod:`vfiouser.devices.virtio.queue` - :class:`SplitQueue`, the device side of a split virtqueue;
+* :mod:`vfiouser.devices.virtio.rng` - :class:`VirtioRng`, an entropy source.
 """
 
 from .pci import VIRTIO_F_VERSION_1, VirtioPciDevice

@@ -61,8 +61,8 @@ from __future__ import annotations
 
 import struct
 
-from devices.pci import INTA, MemoryBar, PciDevice, PCI_CAP_ID_VNDR
-from iomgr import DeviceIo
+from vfiouser.devices.pci import INTA, MemoryBar, PciDevice, PCI_CAP_ID_VNDR
+from vfiouser.iomgr import DeviceIo
 
 from .queue import NO_VECTOR, SplitQueue
 

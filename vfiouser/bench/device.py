@@ -1,4 +1,4 @@
-"""The bench device: a PCI function built with :mod:`devices.pci` whose registers cost
+"""The bench device: a PCI function built with :mod:`vfiouser.devices.pci` whose registers cost
 about what a small real device's registers cost.
 
 Identity 1234:be4c, class 0xff0000, no interrupt pin.
@@ -6,7 +6,7 @@ Identity 1234:be4c, class 0xff0000, no interrupt pin.
 BAR0  4 KiB memory: a register file (reads return what was last written), plus
       two control registers near the end
 BAR1  256-byte I/O BAR: a register file of its own
-BAR2  4 KiB memory, *shared* (mmap-able, :meth:`devices.pci.MemoryBar.share`), only
+BAR2  4 KiB memory, *shared* (mmap-able, :meth:`vfiouser.devices.pci.MemoryBar.share`), only
       with ``mmap=True``; QEMU maps it into the guest and accesses never reach us
 BAR3  64 KiB memory: a write sink for bursts (memset), counting bytes
 
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import time
 
-from devices.pci import IoBar, MemoryBar, PciDevice
-from iomgr import DeviceIo
+from vfiouser.devices.pci import IoBar, MemoryBar, PciDevice
+from vfiouser.iomgr import DeviceIo
 
 __all__ = ["BenchDevice", "STALL_MS", "BURST_BYTES",
            "REGS_BAR", "IO_BAR", "SHARED_BAR", "BURST_BAR", "BURST_BAR_SIZE"]

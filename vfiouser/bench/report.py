@@ -184,7 +184,7 @@ def _latency_section(results: dict) -> list[str]:
     lines += [
         "One QEMU (`-accel qtest`) holds QEMU's own `pci-testdev` (the floor: its BAR0 is 4 KiB of trapped MMIO, "
         "BAR1 256 bytes of trapped port I/O, both handled in QEMU's process) and the bench device "
-        "(`vfiouser/bench/device.py`, a register file built with `devices.pci`) served by Python servers in their "
+        "(`vfiouser/bench/device.py`, a register file built with `vfiouser.devices.pci`) served by Python servers in their "
         "own processes. Each access is one qtest command from a lean synchronous client (blocking socket, no "
         "reader thread, `-qtest-log none`); floor and device are measured in alternating blocks after a warm-up. "
         "Figures are medians in µs per access (p90 in brackets); each ratio uses the floor measured alongside it.",
