@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
+from vfiouser.devices.errors import DeviceError
+
 __all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadError"]
 
 #: Built-in device names and where their classes live.
@@ -22,7 +24,7 @@ BUILTIN_DEVICES: dict[str, str] = {
 }
 
 
-class DeviceLoadError(Exception):
+class DeviceLoadError(DeviceError):
     """A device name or path could not be turned into a device model, or its parameters are wrong."""
 
 

@@ -59,7 +59,9 @@ DMA engine
 
 Reset
     edu has no reset of its own: registers, the buffer and a transfer in flight
-    survive a reset; only config space (command, BAR, MSI) is reset.
+    survive a reset; only config space (command, BAR, MSI) is reset. A power
+    cycle (a new VM on the same server) clears them all, as a new QEMU's edu
+    starts cleared.
 
 Differences a guest can time but not see
     QEMU computes the factorial on a host thread and completes a transfer on
@@ -74,7 +76,7 @@ Differences a guest can time but not see
 
 from __future__ import annotations
 
-from vfiouser.devices.pci import INTA, DmaError, MemoryBar, PciDevice
+from vfiouser.devices.pci import INTA, DmaError, MemoryBar, PciDevice, ResetType
 
 __all__ = ["Edu"]
 
@@ -139,12 +141,21 @@ class Edu(PciDevice):
         scratch = 0x40 + self.msi.length
         self.config.set_wmask(scratch, b"\xff" * (256 - scratch))
         self.config.set_stickymask(scratch, b"\xff" * (256 - scratch))
+        self._power_on()
+
+    def _power_on(self) -> None:
         self.addr4 = 0
         self.fact = 0
         self.status = 0
         self.irq_status = 0
         self.dma_src = self.dma_dst = self.dma_cnt = self.dma_cmd = 0
         self.buffer = bytearray(DMA_SIZE)
+
+    def reset(self, kind: ResetType) -> None:
+        """A warm reset leaves edu's registers alone (QEMU's edu has no reset handler); a
+        power cycle (a new VM) clears them."""
+        if kind is ResetType.COLD:
+            self._power_on()
 
     # -- BAR0 ------------------------------------------------------------------------
 

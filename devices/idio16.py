@@ -47,6 +47,7 @@ Reset
 
 from __future__ import annotations
 
+from vfiouser.devices.errors import DeviceUsageError
 from vfiouser.devices.pci import INTA, IoBar, PciDevice
 
 __all__ = ["Idio16"]
@@ -109,7 +110,7 @@ class Idio16(PciDevice):
     def set_input(self, line: int, level: bool) -> None:
         """Drive input ``line`` (0-15) high or low (host side)."""
         if not 0 <= line < 16:
-            raise ValueError(f"input line {line} is not in 0-15")
+            raise DeviceUsageError(f"input line {line} is not in 0-15")
         self.set_inputs((1 << line) if level else 0, 1 << line)
 
     def _inputs_changed(self) -> None:

@@ -53,6 +53,8 @@ from __future__ import annotations
 import os
 import re
 
+from vfiouser.devices.errors import DefinitionError
+
 from vfiouser.devices.pci import MemoryBar, PciDevice
 
 __all__ = ["Ivshmem", "parse_size"]
@@ -71,7 +73,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*", text)
     if not m:
-        raise ValueError(f"size {text!r} is not a number with an optional K, M or G suffix")
+        raise DefinitionError(f"size {text!r} is not a number with an optional K, M or G suffix")
     return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
 
 

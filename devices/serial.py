@@ -56,6 +56,7 @@ import sys
 import threading
 from collections import deque
 
+from vfiouser.devices.errors import DefinitionError
 from vfiouser.devices.pci import INTA, IoBar, PciDevice
 
 __all__ = ["PciSerial", "SerialBackendError"]
@@ -90,7 +91,7 @@ HOST_BUFFER = 64 * 1024
 TX_QUEUE = 16 * 1024
 
 
-class SerialBackendError(ValueError):
+class SerialBackendError(DefinitionError):
     """An unknown or unusable ``backend`` parameter."""
 
 

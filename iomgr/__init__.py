@@ -39,7 +39,16 @@ no such device: pio [0x81, +0x1)
 """
 
 from .device import DeviceIo, DeviceIoMut, LockedDevice
-from .errors import DeviceOverlap, InvalidRange, IoManagerError, NoDevice, StraddlingAccess, TransactionError
+from .errors import (
+    DeviceOverlap,
+    InvalidAddress,
+    InvalidRange,
+    IoManagerError,
+    NoDevice,
+    StraddlingAccess,
+    TransactionError,
+    VfioUserError,
+)
 from .manager import IoManager
 from .resources import (
     DeviceResources,
@@ -73,7 +82,9 @@ __all__ = [
     "DeviceIo",
     "DeviceIoMut",
     "LockedDevice",
+    "VfioUserError",
     "IoManagerError",
+    "InvalidAddress",
     "DeviceOverlap",
     "NoDevice",
     "StraddlingAccess",

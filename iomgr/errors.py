@@ -1,22 +1,50 @@
-"""Errors of the IoManager, one class per kind of failure.
+"""The root of every vfiouser error, and the IoManager's own errors.
 
-All derive from :class:`IoManagerError`. Each carries the offending range or
-access as attributes, so a caller can report it without parsing the text.
+:class:`VfioUserError` is the one root of the framework's errors: the
+IoManager's (here), the device framework's (:mod:`vfiouser.devices.errors`,
+:mod:`vfiouser.devices.pci.dma`) and the protocol engine's
+(:mod:`vfiouser.errors`). It lives in this, the lowest layer, so that every
+layer can derive from it without importing the ones above.
+
+Every error carries ``errno``: the positive errno a backend answers a failed
+request with. A backend maps a framework error to its reply by that attribute
+alone (``exc.errno``); any other exception from a device model is a bug in the
+model and becomes EIO. Subclasses set a class default, and a raise site may
+give a more precise one (``RegionAccessError(..., errno=errno.EACCES)``).
+
+The IoManager's errors derive from :class:`IoManagerError`. Each carries the
+offending range or access as attributes, so a caller can report it without
+parsing the text.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+
 __all__ = [
+    "VfioUserError",
     "IoManagerError",
     "DeviceOverlap",
     "NoDevice",
     "StraddlingAccess",
     "InvalidRange",
     "TransactionError",
+    "InvalidAddress",
 ]
 
 
-class IoManagerError(Exception):
+class VfioUserError(Exception):
+    """Root of every error vfiouser raises. ``errno``: what a backend answers with (EIO by default)."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str = "", *, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class IoManagerError(VfioUserError):
     """Base class of every IoManager error."""
 
 
@@ -69,3 +97,13 @@ class InvalidRange(IoManagerError):
 
 class TransactionError(IoManagerError):
     """A transaction was used after it was committed or cancelled."""
+
+
+class InvalidAddress(IoManagerError, ValueError):
+    """A value does not fit in an address or size type (16-bit PIO, 64-bit MMIO).
+
+    Also a :class:`ValueError`, as the fallible conversions of dbs-device are."""
+
+    def __init__(self, type_name: str, bits: int, value: int) -> None:
+        self.type_name, self.bits, self.value = type_name, bits, value
+        super().__init__(f"{value:#x} does not fit in {type_name} ({bits} bits)")

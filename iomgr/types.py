@@ -3,7 +3,8 @@
 Port I/O (PIO) is 16 bits wide, memory-mapped I/O (MMIO) 64 bits. Each space
 has an address type and a size type. They are ``int`` subclasses, so they can
 be used anywhere an ``int`` is expected, but constructing one checks the range:
-``PioAddress(0x10000)`` raises :class:`ValueError`, like the fallible
+``PioAddress(0x10000)`` raises :class:`~vfiouser.iomgr.errors.InvalidAddress` (a
+:class:`ValueError`), like the fallible
 ``TryFrom`` conversions of dbs-device.
 
 >>> PioAddress(0x40).raw_value()
@@ -13,10 +14,12 @@ IoAddress(0x40)
 >>> PioAddress.try_from(IoAddress(0x12_3456))
 Traceback (most recent call last):
     ...
-ValueError: 0x123456 does not fit in PioAddress (16 bits)
+vfiouser.iomgr.errors.InvalidAddress: 0x123456 does not fit in PioAddress (16 bits)
 """
 
 from __future__ import annotations
+
+from .errors import InvalidAddress
 
 __all__ = ["IoAddress", "IoSize", "PioAddress", "PioSize", "PIO_SPACE_SIZE", "MMIO_SPACE_SIZE"]
 
@@ -34,7 +37,7 @@ class _Bounded(int):
     def __new__(cls, value: int = 0):
         value = int(value)
         if not 0 <= value < (1 << cls._bits):
-            raise ValueError(f"{value:#x} does not fit in {cls.__name__} ({cls._bits} bits)")
+            raise InvalidAddress(cls.__name__, cls._bits, value)
         return super().__new__(cls, value)
 
     def raw_value(self) -> int:
@@ -43,7 +46,7 @@ class _Bounded(int):
 
     @classmethod
     def try_from(cls, value: int):
-        """Convert ``value`` (possibly of a wider type); ``ValueError`` if it does not fit."""
+        """Convert ``value`` (possibly of a wider type); :class:`InvalidAddress` if it does not fit."""
         return cls(value)
 
     def __repr__(self) -> str:

@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+from vfiouser.devices.pci.dma import NO_BACKEND
+from vfiouser.devices.pci.firmware import bring_up
+from vfiouser.devices.port import InterruptSink
 from vfiouser.qemu import QemuNotFound, find_qemu
 from vfiouser.server import serve_in_thread
 
@@ -127,3 +130,37 @@ def pytest_runtest_makereport(item, call):
     if report.failed and guests:
         for i, g in enumerate(guests):
             report.sections.append((f"guest {i} console", g.console or "(nothing printed)"))
+
+
+class RecordingSink(InterruptSink):
+    """An interrupt sink for tests: records every INTx level and the MSI/MSI-X vectors sent.
+    ``routed=False``: the backend has no eventfds yet (vectors are refused, so held)."""
+
+    def __init__(self, routed: bool = True) -> None:
+        self.levels: list[bool] = []
+        self.msi_sent: list[int] = []
+        self.msix_sent: list[int] = []
+        self.routed = routed
+
+    def intx(self, asserted: bool) -> None:
+        self.levels.append(asserted)
+
+    def msi(self, vector: int) -> bool:
+        if self.routed:
+            self.msi_sent.append(vector)
+        return self.routed
+
+    def msix(self, vector: int) -> bool:
+        if self.routed:
+            self.msix_sent.append(vector)
+        return self.routed
+
+
+def served(dev, sink: InterruptSink | None = None, dma=None, *, decode: bool = True):
+    """``dev``'s port as a backend serves it: BARs placed and decoding on, as firmware leaves
+    them (unless ``decode=False``), and ``sink``/``dma`` attached. Returns the port."""
+    port = dev.port
+    if decode:
+        bring_up(port)
+    port.attach(sink if sink is not None else RecordingSink(), dma if dma is not None else NO_BACKEND)
+    return port

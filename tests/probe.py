@@ -11,11 +11,13 @@ Registers (BAR0 + 0x800):
   0x0  INTx control: write 1 asserts INTx, 0 deasserts; reads the level
   0x4  write counter: number of writes to the register block so far
   0x8  fault: any access raises an exception inside the model (tests error replies)
+
+Reset: the scratch RAM survives a warm reset and is cleared by a power cycle.
 """
 
 from __future__ import annotations
 
-from vfiouser.devices.pci import INTA, IoBar, MemoryBar, PciDevice, RomBar
+from vfiouser.devices.pci import INTA, IoBar, MemoryBar, PciDevice, ResetType, RomBar
 from vfiouser.iomgr import DeviceIo
 
 ROM_DATA = b"\x55\xaa" + b"PROBE"
@@ -79,3 +81,8 @@ class ProbeDevice(PciDevice):
         self.add_bar(2, IoBar(16)).map(self.ram, 0, 16)
         self.add_bar(4, MemoryBar(0x4000, bits=64, prefetchable=True)).map(self.ram64)
         self.set_rom(RomBar(ROM_DATA))
+
+    def reset(self, kind: ResetType) -> None:
+        if kind is ResetType.COLD:
+            for scratch in (self.ram, self.ram64):
+                scratch.mem[:] = bytes(len(scratch.mem))

@@ -28,6 +28,7 @@ def test_bench_device_registers_and_counters(serve):
     dev = BenchDevice()
     server = serve(dev)
     with Client.connect(server.path) as c:
+        c.bring_up()
         c.region_write(0, 0x10, b"\x01\x02\x03\x04")
         assert c.region_read(0, 0x10, 4) == b"\x01\x02\x03\x04"
         c.region_write(1, 0x10, b"\x55")
@@ -43,6 +44,7 @@ def test_bench_device_mmap_area(serve):
     server = serve(dev)
     with Client.connect(server.path) as c:
         assert c.get_region_info(2).fd is not None
+        c.bring_up()
         c.region_write(2, 0x10, b"\x07")
     assert dev.shared is not None and len(dev.shared) == 0x1000 and dev.shared[0x10] == 7
 

@@ -92,6 +92,7 @@ def test_params_and_device_paths(sockdir):
     proc, line = start(["serve", "idio16", "--socket", path, "--param", "loopback=on"])
     try:
         with Client.connect(path) as c:
+            c.bring_up()
             c.region_read(2, 2, 1)
             c.region_write(2, 0, b"\x81")
             assert c.region_read(2, 1, 1) == b"\x81"  # outputs wired to inputs
@@ -119,6 +120,7 @@ def test_poll_us_server_answers(sockdir):
     proc, _ = start(["serve", "idio16", "--socket", path, "--poll-us", "50"])
     try:
         with Client.connect(path) as c:
+            c.bring_up()
             c.region_write(2, 0, b"\x5a")
             assert c.region_read(2, 0, 1) == b"\x5a"
     finally:
@@ -130,11 +132,13 @@ def test_verbose_logs_decoded_messages(sockdir):
     proc, _ = start(["serve", "idio16", "--socket", path, "-v"])
     try:
         with Client.connect(path) as c:
+            c.bring_up()
             c.region_write(2, 0, b"\x01")
+            msg_id = c.next_id() - 1
     finally:
         _, err = stop(proc)
-    assert "<<< REGION_WRITE #1 command offset=0 region=2 count=1 data=01(1)" in err
-    assert ">>> REGION_WRITE #1 reply offset=0 region=2 count=1" in err
+    assert f"<<< REGION_WRITE #{msg_id} command offset=0 region=2 count=1 data=01(1)" in err
+    assert f">>> REGION_WRITE #{msg_id} reply offset=0 region=2 count=1" in err
 
 
 def test_trace_file(sockdir):

@@ -71,7 +71,7 @@ def setup(serve):
     server = serve(dev)
     guest = GuestMemory(0x10000, 0x10000)
     client = Client.connect(server.path, dma_handler=guest)
-    client.config_write(0x04, 0x0004, 2)  # bus master on, as a driver does before DMA
+    client.bring_up()  # BARs decoded, bus master on, as firmware and a driver leave them
     stop = threading.Event()
     yield dev, server, client, guest, stop
     stop.set()
@@ -97,7 +97,7 @@ def test_message_mode_is_chunked_to_the_clients_max_data_xfer_size(serve):
     caps = {"capabilities": {"max_data_xfer_size": 4096, "max_msg_fds": 16}}
     stop = threading.Event()
     with Client.connect(server.path, caps=caps, dma_handler=guest) as client:
-        client.config_write(0x04, 0x0004, 2)
+        client.bring_up()
         client.dma_map(0, 0x10000, 3)
         serve_client(client, stop)
         payload = os.urandom(10000)
@@ -167,7 +167,7 @@ def test_no_client_means_unavailable():
 def test_no_dma_without_bus_mastering(setup):
     dev, _, client, _, _ = setup
     client.dma_map(0x10000, 0x1000, 3)
-    client.config_write(0x04, 0x0000, 2)
+    client.config_write(0x04, 0x0003, 2)  # bus mastering off
     with pytest.raises(DmaBusMasterDisabled):
         dev.dma.read(0x10000, 4)
 
@@ -184,7 +184,7 @@ def test_client_error_reply_aborts(setup):
 def test_client_that_does_not_answer_times_out(setup):
     dev, server, client, _, _ = setup
     client.dma_map(0x10000, 0x10000, 3)
-    server.session.dma_timeout = 0.2
+    server.session.requester.timeout = 0.2
     with pytest.raises(DmaAborted, match="no reply"):
         dev.dma.read(0x10000, 4)  # nobody serves the client's side
 
@@ -218,7 +218,7 @@ def test_dma_from_a_register_handler_is_refused(serve):
     dev.bars[0].map(Eager(dev), 0x800, 0x10)
     server = serve(dev)
     with Client.connect(server.path) as client:
-        client.config_write(0x04, 0x0004, 2)
+        client.bring_up()
         client.dma_map(0x10000, 0x10000, 3)
         client.region_write(0, 0x800, b"\x01")
     assert len(seen) == 1
@@ -250,7 +250,7 @@ def test_deferred_work_runs_after_the_reply_and_may_do_dma(serve):
     guest = GuestMemory(0x10000, 0x1000)
     guest.mem[:4] = b"\x01\x02\x03\x04"
     with Client.connect(server.path, dma_handler=guest) as client:
-        client.config_write(0x04, 0x0004, 2)
+        client.bring_up()
         client.dma_map(0x10000, 0x1000, 3)
         client.region_write(0, 0x800, b"\x01")  # synchronous write: the reply comes first
         stop = threading.Event()
@@ -311,7 +311,7 @@ def test_unmap_waits_for_an_in_place_copy(setup):
     os.ftruncate(fd, 0x100000)
     client.dma_map(0, 0x100000, 3, fd=fd)
     os.close(fd)
-    pieces = server.session.dma.acquire(0, 0x1000, write=False)  # a copy in progress
+    pieces = server.session.dma_maps.acquire(0, 0x1000, write=False)  # a copy in progress
     unmapped = threading.Event()
 
     def unmap():
@@ -322,7 +322,7 @@ def test_unmap_waits_for_an_in_place_copy(setup):
     t.start()
     time.sleep(0.2)
     assert not unmapped.is_set() and pieces[0][0].mem is not None
-    server.session.dma.release(pieces)
+    server.session.dma_maps.release(pieces)
     t.join(5)
     assert unmapped.is_set() and pieces[0][0].mem is None
 
@@ -357,13 +357,13 @@ def test_unmap_of_another_map_does_not_stall_the_server(setup):
 def test_bus_master_turned_off_mid_transfer_stops_it(serve):
     """A message-mode read of three chunks; the driver turns bus mastering off after the first
     DMA_READ: no other is sent."""
-    from vfiouser.session import DMA_READ_CHUNK
+    from vfiouser.requester import DMA_READ_CHUNK
 
     dev = ProbeDevice()
     server = serve(dev)
     guest = GuestMemory(0x10000, 0x20000)
     with Client.connect(server.path, dma_handler=guest) as client:
-        client.config_write(0x04, 0x0004, 2)
+        client.bring_up()
         client.dma_map(0x10000, 0x20000, 3)
         errors = []
 
@@ -377,7 +377,7 @@ def test_bus_master_turned_off_mid_transfer_stops_it(serve):
         t.start()
         first = client.receive(timeout=2)
         assert first.cmd == Command.DMA_READ
-        client.config_write(0x04, 0x0000, 2)  # bus mastering off
+        client.config_write(0x04, 0x0003, 2)  # bus mastering off (decoding stays on)
         client.serve_request(first)
         t.join(5)
         assert errors and len(guest.requests) == 1 and guest.requests[0][2] == DMA_READ_CHUNK
@@ -401,7 +401,7 @@ def test_bus_semantics_read_zeros_and_drop_writes_where_nothing_is_mapped(setup)
     assert written == 0x80 and guest.mem[0xF80:0x1000] == b"w" * 0x80
     assert os.pread(fd, 0x80, 0) == b"R" * 0x80
     assert dev.dma.write_available(0x20000, b"x") == 0
-    client.config_write(0x04, 0x0000, 2)
+    client.config_write(0x04, 0x0003, 2)  # bus mastering off
     with pytest.raises(DmaBusMasterDisabled):  # no bus master is not "nothing mapped"
         dev.dma.read_available(0x10000, 4)
     os.close(fd)
@@ -414,8 +414,9 @@ def test_dma_on_a_closed_session_is_unavailable_not_unmapped(setup):
     session = server.session
     client.close()
     assert server.wait_idle(5)
-    for call in (lambda: session.dma_read(0x10000, 4), lambda: session.dma_write(0x10000, b"x"),
-                 lambda: session.dma_mapped(0x10000, 4, False)):
+    dma = session.requester
+    for call in (lambda: dma.read(0x10000, 4, may_wait=True), lambda: dma.write(0x10000, b"x", may_wait=True),
+                 lambda: dma.mapped(0x10000, 4, False)):
         with pytest.raises(DmaUnavailable):
             call()
 
@@ -443,7 +444,7 @@ def test_edu_dma_into_a_read_only_map_completes_and_writes_the_rest(serve):
         return reg(c, 0x98)
 
     with Client.connect(server.path, dma_handler=guest) as c:
-        c.config_write(0x04, 0x0006, 2)
+        c.bring_up()
         fd = os.memfd_create("rom", os.MFD_CLOEXEC)
         os.ftruncate(fd, 0x1000)
         c.dma_map(0x1000, 0x1000, 3)

@@ -54,6 +54,19 @@ def test_oracle_transcript_is_what_edu_should_do(qemu_edu):
     assert below_rom[:0x100] == pattern and qemu_edu["read-only map unchanged"] is True
 
 
+def test_two_qemus_in_a_row_see_the_same_edu(qemu_binary, qemu_edu, sockdir):
+    """One server, two VMs one after the other: the second meets edu as the first did (the
+    interrupt status, the DMA buffer and the registers a warm reset keeps were power-cycled)."""
+    with serve_in_thread(Edu(), os.path.join(sockdir, "edu.sock")) as server:
+        transcripts = []
+        for _ in range(2):
+            with QtestMachine([server.qemu_device_json(addr=f"{edu_scenario.SLOT:02x}.0")], qemu=qemu_binary,
+                              memfd=True) as vm:
+                transcripts.append(dict(_keyed(edu_scenario.run(vm))))
+            assert server.wait_idle(10)
+    assert transcripts[0] == transcripts[1] == qemu_edu
+
+
 @pytest.mark.parametrize("memfd", [False, True], ids=["default-ram", "memfd-ram"])
 def test_python_edu_matches_qemu_edu(qemu_binary, qemu_edu, sockdir, memfd):
     with serve_in_thread(Edu(), os.path.join(sockdir, "edu.sock")) as server:

@@ -3,32 +3,26 @@
 import pytest
 
 from vfiouser.devices.idio16 import Idio16
+from vfiouser.devices.port import ResetReason
 
-
-class Sink:
-    def __init__(self):
-        self.levels = []
-
-    def intx(self, asserted):
-        self.levels.append(asserted)
+from .conftest import RecordingSink, served
 
 
 def inb(dev, port):
     buf = bytearray(1)
-    dev.region_read(2, port, buf)
+    dev.port.region_read(2, port, buf)
     return buf[0]
 
 
 def outb(dev, port, value):
-    dev.region_write(2, port, bytes([value]))
+    dev.port.region_write(2, port, bytes([value]))
 
 
 @pytest.fixture
 def dev():
     d = Idio16()
-    d.realize()
-    d.sink = Sink()
-    d.attach(d.sink)
+    d.sink = RecordingSink()
+    served(d, d.sink)
     return d
 
 
@@ -60,7 +54,7 @@ def test_multi_byte_access_reads_consecutive_ports(dev):
     outb(dev, 0, 0x11)
     dev.set_inputs(0x0022)
     buf = bytearray(2)
-    dev.region_read(2, 0, buf)
+    dev.port.region_read(2, 0, buf)
     assert bytes(buf) == b"\x11\x22"
 
 
@@ -103,8 +97,8 @@ def test_filters_register(dev):
 
 def test_loopback_wires_outputs_to_inputs():
     d = Idio16(loopback=True)
-    sink = Sink()
-    d.attach(sink)
+    sink = RecordingSink()
+    served(d, sink)
     inb(d, 2)
     outb(d, 0, 0x0F)
     assert inb(d, 1) == 0x0F and sink.levels == [True] and inb(d, 6) == 0b101
@@ -117,7 +111,7 @@ def test_reset_state(dev):
     inb(dev, 2)
     dev.set_input(0, True)
     outb(dev, 3, 0)
-    dev.device_reset()
+    dev.port.reset(ResetReason.CLIENT_REQUEST)
     assert (dev.outputs, dev.irq_enabled, dev.status, dev.filters_active) == (0, False, 0, True)
     assert dev.inputs == 1  # the outside world is not reset
     assert dev.sink.levels[-1] is False

@@ -51,6 +51,7 @@ def test_region_info_shares_the_memory_fd(serve, tmp_path):
         os.close(info.fd)
         assert not c.get_region_info(0).flags & RegionFlags.MMAP and c.get_region_info(0).fd is None
         # A client that does not map the area still reaches the same bytes through messages.
+        c.bring_up()
         assert c.region_read(2, 0x200, 6) == b"client"
         c.region_write(2, 0x300, b"trapped")
         assert bytes(dev.memory[0x300:0x307]) == b"trapped"

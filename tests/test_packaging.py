@@ -145,6 +145,7 @@ def test_a_project_with_its_own_devices_and_iomgr_packages(tmp_path):
         from vfiouser.client import Client
 
         with Client.connect(str(sock)) as client:
+            client.bring_up()
             client.region_write(0, 0, b"\x5a")
             assert client.region_read(0, 0, 1) == b"\x5a"
     finally:

@@ -1,5 +1,7 @@
 """PCI framework: config space semantics, BARs, ROM, capabilities, INTx, regions, reset."""
 
+import errno
+
 import pytest
 
 from vfiouser.devices import DeviceLoadError, load_device_class, make_device
@@ -13,6 +15,8 @@ from vfiouser.devices.pci import (
     PCI_STATUS_INTERRUPT,
     BarError,
     ConfigSpace,
+    DefinitionError,
+    DeviceUsageError,
     ConfigSpaceError,
     IoBar,
     MemoryBar,
@@ -20,32 +24,26 @@ from vfiouser.devices.pci import (
     RegionAccessError,
     RomBar,
 )
+from vfiouser.devices.port import ResetReason
 from vfiouser.iomgr import DeviceIo
 
+from .conftest import RecordingSink, served
 from .probe import ROM_DATA, ProbeDevice
 
 
 def cfg_read(dev, offset, size=4):
     buf = bytearray(size)
-    dev.region_read(7, offset, buf)
+    dev.port.region_read(7, offset, buf)
     return int.from_bytes(buf, "little")
 
 
 def cfg_write(dev, offset, value, size=4):
-    dev.region_write(7, offset, value.to_bytes(size, "little"))
+    dev.port.region_write(7, offset, value.to_bytes(size, "little"))
 
 
 class Plain(PciDevice):
     vendor_id, device_id = 0x1234, 0x0001
     interrupt_pin = INTA
-
-
-class Sink:
-    def __init__(self):
-        self.levels = []
-
-    def intx(self, asserted):
-        self.levels.append(asserted)
 
 
 # ------------------------------------------------------------- config space
@@ -144,10 +142,12 @@ def test_rom_bar_sizing_and_contents():
     cfg_write(dev, 0x30, 0xFFFFFFFF)
     assert cfg_read(dev, 0x30) == 0xFFFFF801
     buf = bytearray(2048)
-    dev.region_read(6, 0, buf)
+    dev.port.region_read(6, 0, buf)
     assert buf[: len(ROM_DATA)] == ROM_DATA and set(buf[len(ROM_DATA) :]) == {0xFF}
-    dev.region_write(6, 0, b"\0")  # the ROM is read-only
-    dev.region_read(6, 0, buf)
+    with pytest.raises(RegionAccessError) as refused:  # the ROM is read-only
+        dev.port.region_write(6, 0, b"\0")
+    assert refused.value.errno == errno.EACCES
+    dev.port.region_read(6, 0, buf)
     assert buf[0] == 0x55
 
 
@@ -198,50 +198,162 @@ def test_capability_list_builder():
 
 def test_region_table():
     dev = ProbeDevice()
-    regions = {r.index: r for r in dev.regions()}
+    regions = {r.index: r for r in dev.port.regions}
     assert [regions[i].size for i in range(9)] == [0x1000, 0, 16, 0, 0x4000, 0, 0x800, 256, 0]
     assert regions[2].kind == "io" and regions[4].kind == "memory" and regions[6].writable is False
 
 
 def test_handlers_share_a_bar_and_serve_two_bars():
     dev = ProbeDevice()
-    dev.region_write(2, 0, b"\xaa")  # the I/O BAR reaches the same RAM as BAR0 0x000-0x00f
+    port = served(dev)
+    port.region_write(2, 0, b"\xaa")  # the I/O BAR reaches the same RAM as BAR0 0x000-0x00f
     buf = bytearray(1)
-    dev.region_read(0, 0, buf)
+    port.region_read(0, 0, buf)
     assert buf[0] == 0xAA
-    dev.region_write(0, 0x804, b"\0\0\0\0")  # second handler of BAR0: offsets relative to its block
+    port.region_write(0, 0x804, b"\0\0\0\0")  # second handler of BAR0: offsets relative to its block
     assert dev.regs.writes == 1
-    # (kind, base, offset, size): the PIO window of BAR2 is port 0x200, BAR0's MMIO window is 0.
-    # Scratch serves ports with the same methods as memory, so both record as read/write.
-    assert dev.ram.calls == [("write", 2 * 0x100, 0, 1), ("read", 0, 0, 1)]
+    # (kind, base, offset, size): base is the guest address of the handler's block, where the
+    # firmware put the BAR (I/O BAR2 at port 0xc000, BAR0 at 0xe0000000). Scratch serves ports
+    # with the same methods as memory, so both record as read/write.
+    assert dev.ram.calls == [("write", 0xC000, 0, 1), ("read", 0xE000_0000, 0, 1)]
+    assert dev.bars[0].address == 0xE000_0000 and dev.bars[2].address == 0xC000
 
 
 def test_unclaimed_reads_all_ones_and_writes_dropped(caplog):
-    dev = ProbeDevice()
+    port = served(ProbeDevice())
     buf = bytearray(4)
-    dev.region_read(0, 0x900, buf)  # BAR0 0x810..0xfff has no handler
+    port.region_read(0, 0x900, buf)  # BAR0 0x810..0xfff has no handler
     assert buf == b"\xff" * 4
-    dev.region_write(0, 0x900, b"\x01")
+    port.region_write(0, 0x900, b"\x01")
     assert "unclaimed" in caplog.text
 
 
 def test_region_access_outside_a_region_is_refused():
-    dev = ProbeDevice()
-    with pytest.raises(RegionAccessError):
-        dev.region_read(2, 15, bytearray(2))
-    with pytest.raises(RegionAccessError):
-        dev.region_read(1, 0, bytearray(1))
+    port = ProbeDevice().port
+    for index, offset, size in [(2, 15, 2), (1, 0, 1), (7, 0, 0), (9, 0, 1), (-1, 0, 1), (0, -1, 1)]:
+        with pytest.raises(RegionAccessError) as refused:
+            port.region_read(index, offset, bytearray(size))
+        assert refused.value.errno == errno.EINVAL
+        assert (refused.value.index, refused.value.offset, refused.value.size) == (index, offset, size)
 
 
 def test_bar_unmap_and_remap_at_runtime():
     dev = ProbeDevice()
+    port = served(dev)
     dev.bars[0].unmap(0x800)
     buf = bytearray(4)
-    dev.region_read(0, 0x800, buf)
+    port.region_read(0, 0x800, buf)
     assert buf == b"\xff" * 4
     dev.bars[0].map(dev.regs, 0x800, 0x10)
-    dev.region_read(0, 0x800, buf)
+    port.region_read(0, 0x800, buf)
     assert buf == b"\0" * 4
+
+
+# ------------------------------------------------------------- decoding: BARs where the guest put them
+
+
+def test_a_bar_answers_only_where_and_while_the_guest_decodes_it(caplog):
+    dev = ProbeDevice()
+    port = served(dev, decode=False)
+    buf = bytearray(4)
+    port.region_read(0, 0x20, buf)  # never programmed: a master abort
+    assert buf == b"\xff" * 4 and "not programmed" in caplog.text
+    port.region_write(0, 0x20, b"lost")
+    cfg_write(dev, 0x10, 0xE000_0000)
+    port.region_read(0, 0x20, buf)  # programmed, but memory decoding is off
+    assert buf == b"\xff" * 4 and "memory decoding is off" in caplog.text
+    cfg_write(dev, PCI_COMMAND, 0x2, 2)
+    port.region_write(0, 0x20, b"kept")
+    port.region_read(0, 0x20, buf)
+    assert buf == b"kept" and dev.ram.mem[0x20:0x24] == b"kept"  # the write before decoding was dropped
+    assert ("write", 0xE000_0000, 0x20, 4) in dev.ram.calls
+    assert [(b, s) for b, s, _ in dev.io.current.mmio_ranges()] == [(0xE000_0000, 0x800), (0xE000_0800, 0x10)]
+    assert dev.io.current.pio_ranges() == []  # I/O decoding is still off: BAR2 is not on the PIO bus
+
+
+def test_moving_a_bar_moves_its_handlers_in_one_transaction():
+    dev = ProbeDevice()
+    port = served(dev)
+    assert dev.bars[0].address == 0xE000_0000
+    snapshot = dev.io.current
+    cfg_write(dev, 0x10, 0xD000_0000)  # a driver moving the BAR with decoding on
+    assert dev.bars[0].address == 0xD000_0000 and dev.io.current is not snapshot
+    assert [b for b, _, _ in dev.io.current.mmio_ranges()][:2] == [0xD000_0000, 0xD000_0800]
+    assert [b for b, _, _ in snapshot.mmio_ranges()][:2] == [0xE000_0000, 0xE000_0800]  # readers' view intact
+    dev.ram.calls.clear()
+    port.region_read(0, 0x10, bytearray(1))
+    assert dev.ram.calls == [("read", 0xD000_0000, 0x10, 1)]
+
+
+@pytest.mark.parametrize("reg, value, why", [
+    (0x10, 0x0, "address 0 is never decoded"),
+    (0x10, 0xFFFF_F000, "a 32-bit BAR must end below 4 GiB (the sizing value left behind)"),
+])
+def test_addresses_qemu_does_not_decode(reg, value, why):
+    dev = ProbeDevice()
+    served(dev)
+    cfg_write(dev, reg, value)
+    assert dev.bars[0].address is None, why
+
+
+def test_an_io_bar_must_fit_the_port_space_and_a_64_bit_bar_takes_both_halves():
+    dev = ProbeDevice()
+    served(dev)
+    cfg_write(dev, 0x18, 0x1_0000)  # BAR2 (16 ports) above 64 KiB
+    assert dev.bars[2].address is None
+    cfg_write(dev, 0x18, 0xFFF0)  # the last 16 ports
+    assert dev.bars[2].address == 0xFFF0
+    cfg_write(dev, 0x20, 0xC000_0000)  # BAR4, 64-bit: low then high dword
+    cfg_write(dev, 0x24, 0x1)
+    assert dev.bars[4].address == 0x1_C000_0000
+    assert dev.io.current.get_mmio_device(0x1_C000_0010)[1] == 0x1_C000_0000
+
+
+def test_two_bars_programmed_over_each_other_leave_the_later_undecoded(caplog):
+    dev = ProbeDevice()
+    served(dev)
+    cfg_write(dev, 0x20, 0xE000_0000)  # BAR4 onto BAR0
+    cfg_write(dev, 0x24, 0)
+    assert dev.bars[0].address == 0xE000_0000 and dev.bars[4].address is None
+    assert "overlaps another BAR" in caplog.text
+    cfg_write(dev, 0x10, 0xD000_0000)  # BAR0 moves away: BAR4 can decode now...
+    assert dev.bars[0].address == 0xD000_0000
+    cfg_write(dev, 0x20, 0xE000_0000)  # ...once it is written again
+    assert dev.bars[4].address == 0xE000_0000
+
+
+def test_the_rom_and_config_space_never_depend_on_decoding():
+    dev = ProbeDevice()
+    port = served(dev, decode=False)
+    buf = bytearray(2)
+    port.region_read(6, 0, buf)  # QEMU copies the ROM by region index, whatever its BAR says
+    assert bytes(buf) == ROM_DATA[:2]
+    port.region_read(7, 0, buf)
+    assert bytes(buf) == b"\x34\x12"
+
+
+def test_a_cold_reset_clears_sticky_bits_and_a_warm_one_keeps_them():
+    from vfiouser.devices.edu import Edu
+
+    dev = Edu()
+    served(dev)
+    cfg_write(dev, 0x80, 0x5A, 1)  # edu's scratch bytes are sticky, as QEMU's PCI core has them
+    dev.port.reset(ResetReason.CLIENT_REQUEST)
+    assert cfg_read(dev, 0x80, 1) == 0x5A
+    dev.port.reset(ResetReason.POWER_ON)
+    assert cfg_read(dev, 0x80, 1) == 0
+
+
+def test_a_model_reset_hook_without_a_parameter_still_works():
+    calls = []
+
+    class Old(Plain):
+        def reset(self):
+            calls.append("reset")
+
+    dev = Old()
+    dev.port.reset(ResetReason.CLIENT_LOST)
+    assert calls == ["reset"]
 
 
 # ------------------------------------------------------------- INTx
@@ -249,8 +361,8 @@ def test_bar_unmap_and_remap_at_runtime():
 
 def test_intx_level_status_bit_and_disable():
     dev = ProbeDevice()
-    sink = Sink()
-    dev.attach(sink)
+    sink = RecordingSink()
+    served(dev, sink, decode=False)
     dev.raise_intx()
     assert cfg_read(dev, PCI_STATUS, 2) & PCI_STATUS_INTERRUPT and sink.levels == [True]
     cfg_write(dev, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, 2)
@@ -266,28 +378,29 @@ def test_intx_needs_a_pin():
     class NoPin(PciDevice):
         vendor_id, device_id = 0x1234, 2
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(DeviceUsageError, match="no interrupt pin"):
         NoPin().raise_intx()
 
 
 def test_reset_restores_config_and_lowers_intx():
     dev = ProbeDevice()
-    dev.realize()
-    sink = Sink()
-    dev.attach(sink)
+    sink = RecordingSink()
+    served(dev, sink, decode=False)
     cfg_write(dev, 0x10, 0xE0000000)
     cfg_write(dev, PCI_COMMAND, 0x7, 2)
+    assert dev.bars[0].address == 0xE0000000
     dev.raise_intx()
-    dev.device_reset()
+    dev.port.reset(ResetReason.CLIENT_REQUEST)
     assert cfg_read(dev, 0x10) == 0 and cfg_read(dev, PCI_COMMAND, 2) == 0
     assert sink.levels[-1] is False and not dev.intx_level
+    assert dev.bars[0].address is None  # nothing decodes after a reset
 
 
 def test_vendor_id_is_required():
     class Anonymous(PciDevice):
         pass
 
-    with pytest.raises(ValueError, match="vendor_id"):
+    with pytest.raises(DefinitionError, match="vendor_id"):
         Anonymous()
 
 
@@ -320,10 +433,9 @@ def test_reset_drops_deferred_work_not_yet_started():
     import time
 
     dev = ProbeDevice()
-    dev.realize()
     ran = []
     dev.defer(ran.append, "late", delay=0.2)
-    dev.device_reset()
+    dev.port.reset(ResetReason.CLIENT_REQUEST)
     time.sleep(0.4)
     assert ran == []
     dev.defer(ran.append, "after reset")
@@ -336,7 +448,6 @@ def test_reset_fences_a_running_task_that_resubmits_itself():
     import time
 
     dev = ProbeDevice()
-    dev.realize()
     started, release, ticks = threading.Event(), threading.Event(), []
 
     def tick():
@@ -348,7 +459,7 @@ def test_reset_fences_a_running_task_that_resubmits_itself():
 
     dev.defer(tick)
     assert started.wait(2)
-    dev.device_reset()  # while tick is running
+    dev.port.reset(ResetReason.CLIENT_REQUEST)  # while tick is running
     release.set()
     time.sleep(0.3)
     assert len(ticks) == 1
@@ -362,9 +473,8 @@ def test_a_model_may_keep_deferred_work_across_reset():
     from vfiouser.devices.edu import Edu
 
     dev = Edu(dma_delay_ms=0)
-    dev.realize()
     ran = []
     dev.defer(ran.append, "survives", delay=0.1)
-    dev.device_reset()
+    dev.port.reset(ResetReason.CLIENT_REQUEST)
     time.sleep(0.3)
     assert ran == ["survives"]

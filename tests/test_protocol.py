@@ -8,6 +8,7 @@ import pytest
 from construct import ConstructError, SizeofError
 
 from vfiouser import protocol as p
+from vfiouser.errors import MalformedMessage
 from vfiouser.trace import load
 
 VECTORS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "vectors", "qemu-*.jsonl")))
@@ -91,7 +92,7 @@ def test_region_caps_chain_links_and_rejects_loops():
     assert first.next == 32 + 16 and second.next == 0 and first.body.subtype == 2
     looped = bytearray(info)
     looped[32 + 4 : 32 + 8] = (32).to_bytes(4, "little")  # first.next -> itself
-    with pytest.raises(ValueError):
+    with pytest.raises(MalformedMessage):
         p.parse_region_caps(bytes(looped), 32)
 
 

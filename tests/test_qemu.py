@@ -109,7 +109,7 @@ def test_system_reset_reaches_the_model(qemu_binary, serve):
         vm.outb(IO_BASE, 0xFF)
         vm.inb(IO_BASE + 2)
         assert dev.outputs == 0xFF and dev.irq_enabled
-        resets_before = server.session.model is dev and dev.config.get_word(0x04)
+        resets_before = server.session.port is dev.port and dev.config.get_word(0x04)
         assert resets_before == 0x0001
         vm.system_reset()
         deadline = time.monotonic() + 5
@@ -145,6 +145,31 @@ def test_cli_server_survives_qemu_quitting_and_serves_the_next(qemu_binary, sock
     assert proc.returncode == 0 and not os.path.exists(path)
     assert err.count("connected") >= 2 and "client2 gone" in err
     assert "DEVICE_RESET" in err
+
+
+def test_two_qemus_in_a_row_meet_the_same_idio16(qemu_binary, serve):
+    """A new VM is a new machine: what the first VM left in the device never reaches the second,
+    while the host-driven inputs (the world outside the board) stay as the host set them."""
+    dev = Idio16()
+    server = serve(dev)
+    dev.set_inputs(0x1234)
+    transcripts = []
+    for _ in range(2):
+        with machine(qemu_binary, server) as vm:
+            program_idio16(vm)
+            seen = {"outputs": (vm.inb(IO_BASE + 0), vm.inb(IO_BASE + 4)),
+                    "inputs": (vm.inb(IO_BASE + 1), vm.inb(IO_BASE + 5)),
+                    "status": vm.inb(IO_BASE + 6)}
+            vm.inb(IO_BASE + 2)  # leave the interrupt enabled, outputs set and filters off behind
+            vm.outb(IO_BASE + 0, 0xA5)
+            vm.outb(IO_BASE + 4, 0x3C)
+            vm.outb(IO_BASE + 3, 0)
+            seen["outputs after"] = (vm.inb(IO_BASE + 0), vm.inb(IO_BASE + 4))
+            transcripts.append(seen)
+        assert server.wait_idle(10)
+    assert transcripts[0] == transcripts[1]
+    assert transcripts[0]["outputs"] == (0, 0) and transcripts[0]["inputs"] == (0x34, 0x12)
+    assert dev.inputs == 0x1234 and dev.outputs == 0 and dev.filters_active
 
 
 # ------------------------------------------------------------------ framework layouts
@@ -184,7 +209,7 @@ def test_probe_layouts_through_qemu(qemu_binary, serve, memfd):
         assert vm.wait_irq("lower", GSI)
         assert vm.readl(MMIO_BASE + 0x808) == 0xFFFFFFFF  # a model exception: EIO, guest reads all-ones
         assert vm.readl(MMIO_BASE) == 0x11229944  # and the device goes on (byte 1 from the I/O BAR)
-        regions = server.session.dma
+        regions = server.session.dma_maps
         has_fd_map = any(r.mem is not None for r in regions)
         assert has_fd_map == memfd  # guest RAM arrives with an fd only with a memfd backend
 
@@ -207,7 +232,7 @@ def test_model_dma_through_qemu(qemu_binary, serve, memfd):
         vm.memwrite(0xBFF00, b"\x5a" * 0x100)
         assert dev.dma.read(0xBFF00, 0x200)[:0x100] == b"\x5a" * 0x100
         assert vm.pci_cfg_read(SLOT, 0x00) == 0xBEEF1234  # and QEMU still talks to the device
-        regions = list(server.session.dma)
+        regions = list(server.session.dma_maps)
         assert any(r.mem is not None for r in regions) == memfd
 
 
@@ -223,7 +248,7 @@ def test_model_dma_reads_stay_intact_under_posted_write_load(qemu_binary, serve)
 
     from vfiouser.devices.pci import MemoryBar, PciDevice
     from vfiouser.iomgr import DeviceIo
-    from vfiouser.session import DMA_READ_CHUNK
+    from vfiouser.requester import DMA_READ_CHUNK
 
     class Slow(DeviceIo):
         writes = 0

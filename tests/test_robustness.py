@@ -62,6 +62,7 @@ def test_large_reply_with_fd_numbers_above_1023(serve):
     try:
         with Client.connect(server.path) as c:
             assert c.transport.sock.fileno() > 1024
+            c.bring_up()
             data = c.region_read(0, 0, 1 << 20)
             assert len(data) == 1 << 20 and data[-4:] == b"tail"
     finally:
@@ -98,6 +99,7 @@ def test_tracer_failure_does_not_stop_the_device(sockdir):
     with serve_in_thread(ProbeDevice(), os.path.join(sockdir, "t.sock"), tracer=Tracer(Broken())) as server:
         with Client.connect(server.path) as c:
             assert c.config_read(0) == 0xBEEF1234
+            c.bring_up()
             c.region_write(0, 0, b"ok")
             assert c.region_read(0, 0, 2) == b"ok"
         next_client_works(server)
@@ -118,9 +120,13 @@ def test_nothing_runs_after_a_failed_version(serve):
 
 
 def test_good_messages_before_an_unframeable_header_are_served(no_fd_leak, serve):
-    dev = ProbeDevice()
+    class KeepingProbe(ProbeDevice):  # the RAM outlives the connection, so the test can look at it
+        power_cycle_on_disconnect = False
+
+    dev = KeepingProbe()
     server = serve(dev)
     c = Client.connect(server.path)
+    c.bring_up()
     posted = HEADER.pack(9, Command.REGION_WRITE, 34, MsgFlags.NO_REPLY, 0) + REGION_ACCESS.pack(0, 0, 2) + b"hi"
     c.send_raw(posted + HEADER.pack(10, Command.REGION_READ, 8, 0, 0))
     reply = c.receive(timeout=2)

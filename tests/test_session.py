@@ -4,6 +4,7 @@ Every malformed-input test checks two things: the error reply (or, with
 NO_REPLY, the absence of any reply) and that the session still works after it.
 """
 
+import dataclasses
 import errno
 import json
 import mmap
@@ -29,6 +30,7 @@ from vfiouser.protocol import (
     MsgType,
     RegionFlags,
     Version,
+    build_region_caps,
 )
 
 from .conftest import eventfd, fired, open_fds
@@ -50,6 +52,7 @@ def probe(serve):
 def client(probe):
     _, server = probe
     with Client.connect(server.path) as c:
+        c.bring_up()
         yield c
 
 
@@ -180,7 +183,10 @@ def test_region_info_too_small_for_its_capabilities(probe, client):
     """QEMU asks with argsz 32; a region with capabilities answers with the size it needs, no caps
     and no CAPS flag; asked again with that size, it sends them."""
     _, server = probe
-    server.endpoint.region_caps[0] = [dict(id=RegionCapId.TYPE, version=1, body=dict(type=0x8086, subtype=7))]
+    caps, cap_offset = build_region_caps([dict(id=RegionCapId.TYPE, version=1, body=dict(type=0x8086, subtype=7))])
+    entries = list(server.regions.entries)
+    entries[0] = dataclasses.replace(entries[0], caps=caps, cap_offset=cap_offset)
+    server.regions.entries = tuple(entries)
     layout = Layout.REGION_INFO
     reply = client.request(Command.DEVICE_GET_REGION_INFO, layout.pack(32, 0, 0, 0, 0, 0))
     assert len(reply.payload) == 32
@@ -281,17 +287,22 @@ def test_region_write_multi(probe, client):
     assert client.region_read(0, 0x200, 1) == b"\x09"
 
 
-def test_region_write_multi_is_checked_before_any_write(probe, client):
+def test_region_write_multi_drops_only_the_refused_writes(probe, client):
+    """Each write of a REGION_WRITE_MULTI is a posted bus write of its own: a refused one is
+    dropped and reported, the others land in order; a malformed message changes nothing."""
     dev, _ = probe
     count, entry = Layout.WRITE_MULTI_COUNT, Layout.WRITE_MULTI_ENTRY
     good = entry.pack(0x300, 0, 1, b"\x07".ljust(8, b"\0"))
+    later = entry.pack(0x301, 0, 1, b"\x08".ljust(8, b"\0"))
     bad = entry.pack(0, 9, 1, bytes(8))
-    expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(2) + good + bad)
-    assert dev.ram.mem[0x300] == 0
+    expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(3) + good + bad + later)
+    assert dev.ram.mem[0x300:0x302] == b"\x07\x08"
+    dev.ram.mem[0x300:0x302] = b"\0\0"
     expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(0))
     expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(201) + good * 201)
     expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(2) + good)
-    expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(1) + entry.pack(0, 0, 9, bytes(8)))
+    expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(2) + good + entry.pack(0, 0, 9, bytes(8)))
+    assert dev.ram.mem[0x300] == 0  # malformed: nothing was written
     alive(client)
 
 
@@ -466,7 +477,7 @@ def test_dma_map_with_fd_is_mmapped_shared(probe, client):
     _, server = probe
     fd = memfd(0x20000)
     client.dma_map(0x100000, 0x10000, 3, fd=fd, offset=0x10000)
-    region = server.session.dma.find(0x100000, 0x10000)
+    region = server.session.dma_maps.find(0x100000, 0x10000)
     assert region is not None and region.mem is not None and len(region.mem) == 0x10000
     with mmap.mmap(fd, 0x20000) as guest:
         guest[0x10010:0x10014] = b"ping"
@@ -479,12 +490,12 @@ def test_dma_map_with_fd_is_mmapped_shared(probe, client):
 def test_dma_map_without_fd_and_read_only(probe, client):
     _, server = probe
     client.dma_map(0xFFFC0000, 0x40000, 1)
-    region = server.session.dma.find(0xFFFC0000, 0x1000)
+    region = server.session.dma_maps.find(0xFFFC0000, 0x1000)
     assert region.mem is None and region.readable and not region.writable
     fd = memfd(0x1000)
     client.dma_map(0x0, 0x1000, 1, fd=fd)
     os.close(fd)
-    assert server.session.dma.find(0, 0x1000).mem.readonly
+    assert server.session.dma_maps.find(0, 0x1000).mem.readonly
 
 
 def test_dma_map_rules(probe, client, no_fd_leak):
@@ -492,7 +503,7 @@ def test_dma_map_rules(probe, client, no_fd_leak):
     client.dma_map(0x10000, 0x10000)
     expect_error(client, errno.EEXIST, Command.DMA_MAP, _dma_map(0x18000, 0x10000))
     client.dma_map(0x10000, 0x10000, 1)  # the very same range: replaced
-    assert server.session.dma.find(0x10000, 1).flags == 1
+    assert server.session.dma_maps.find(0x10000, 1).flags == 1
     expect_error(client, errno.EINVAL, Command.DMA_MAP, _dma_map(0x40000, 0, ))
     expect_error(client, errno.EINVAL, Command.DMA_MAP, _dma_map(0x40000, 0x1000, flags=0x10))
     expect_error(client, errno.EINVAL, Command.DMA_MAP, _dma_map(2**64 - 0x1000, 0x2000))
@@ -503,7 +514,7 @@ def test_dma_map_rules(probe, client, no_fd_leak):
     expect_error(client, errno.ENOENT, Command.DMA_UNMAP, _dma_unmap(0x10000, 0x8000))
     reply = client.request(Command.DMA_UNMAP, _dma_unmap(0x10000, 0x10000))
     assert reply.payload == _dma_unmap(0x10000, 0x10000)  # the request, echoed
-    assert len(server.session.dma) == 0
+    assert len(server.session.dma_maps) == 0
     alive(client)
 
 
@@ -514,7 +525,7 @@ def test_dma_unmap_all(probe, client):
     expect_error(client, errno.EINVAL, Command.DMA_UNMAP, _dma_unmap(0x1000, 0, flags=2))
     expect_error(client, errno.EOPNOTSUPP, Command.DMA_UNMAP, _dma_unmap(0, 0x1000, flags=1))
     client.dma_unmap(0, 0, flags=2)
-    assert len(server.session.dma) == 0
+    assert len(server.session.dma_maps) == 0
 
 
 def _dma_map(addr, size, flags=3, offset=0):
@@ -532,6 +543,7 @@ def test_device_reset(serve):
     dev = Idio16()
     server = serve(dev)
     with Client.connect(server.path) as c:
+        c.bring_up()
         c.region_write(2, 0, b"\xff")
         assert dev.outputs == 0xFF
         c.config_write(0x04, 0x1, 2)
@@ -540,11 +552,12 @@ def test_device_reset(serve):
         expect_error(c, errno.EINVAL, Command.DEVICE_RESET, b"\x00")
 
 
-def test_vanished_client_leaves_nothing_and_state_persists(serve):
+def test_vanished_client_leaves_nothing_and_the_next_meets_a_powered_on_device(serve):
     dev = ProbeDevice()
     server = serve(dev)
     before = open_fds()
     c = Client.connect(server.path)
+    c.bring_up()
     fds = [eventfd(), eventfd()]
     c.set_irqs(IrqIndex.INTX, EVENTFD_TRIGGER, 0, 1, fds=[fds[0]])
     c.set_irqs(IrqIndex.ERR, EVENTFD_TRIGGER, 0, 1, fds=[fds[1]])
@@ -559,9 +572,26 @@ def test_vanished_client_leaves_nothing_and_state_persists(serve):
     assert open_fds() - before == set()  # eventfds, memfd mapping and socket all released
     with open("/proc/self/maps") as f:
         assert "guest-ram" not in f.read()
-    with Client.connect(server.path) as again:  # the next client sees the device as it was left
-        assert again.region_read(0, 0, 4) == b"kept"
+    with Client.connect(server.path) as again:  # a new machine: the device as it was built
+        assert again.config_read(0x10) == 0 and again.config_read(0x04, 2) == 0
+        again.bring_up()
+        assert again.region_read(0, 0, 4) == b"\0\0\0\0"
     assert server.sessions_served == 2
+
+
+def test_a_model_may_keep_its_state_for_the_next_client(serve):
+    class KeepingProbe(ProbeDevice):
+        power_cycle_on_disconnect = False
+
+    server = serve(KeepingProbe())
+    with Client.connect(server.path) as c:
+        c.bring_up()
+        c.region_write(0, 0, b"kept")
+    assert server.wait_idle(5)
+    with Client.connect(server.path) as again:  # a warm reset only: BARs unprogrammed, data kept
+        assert again.config_read(0x04, 2) == 0
+        again.bring_up()
+        assert again.region_read(0, 0, 4) == b"kept"
 
 
 def test_second_client_while_busy_gets_ebusy(probe, client):

@@ -89,7 +89,7 @@ def virtio(serve):
     os.ftruncate(fd, RAM_SIZE)
     ram = mmap.mmap(fd, RAM_SIZE)
     with Client.connect(server.path) as c:
-        c.config_write(0x04, 0x0006, 2)
+        c.bring_up()
         c.dma_map(RAM, RAM_SIZE, 3, fd=os.dup(fd))
         yield dev, c, Driver(c, ram)
     ram.close()

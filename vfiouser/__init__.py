@@ -25,8 +25,8 @@ _EXPORTS = {
     "Server": "vfiouser.server",
     "serve_in_thread": "vfiouser.server",
     "Client": "vfiouser.client",
-    "ServerCapabilities": "vfiouser.session",
-    "VfioUserError": "vfiouser.errors",
+    "ServerCapabilities": "vfiouser.negotiation",
+    "VfioUserError": "vfiouser.iomgr.errors",
     "ProtocolError": "vfiouser.errors",
     "ErrorReply": "vfiouser.errors",
 }

@@ -6,8 +6,14 @@
 >>> path = os.path.join(tempfile.mkdtemp(), "s.sock")
 >>> with serve_in_thread(Idio16(), path):
 ...     with Client.connect(path) as c:
-...         hex(c.config_read(0, 4))
-'0xdc8494f'
+...         print(hex(c.config_read(0, 4)), c.bring_up())   # IDs; BAR2 placed and decoded
+...         c.region_write(2, 0, b"\x5a")                    # GPIO outputs 0-7
+...         c.region_read(2, 0, 1)
+0xdc8494f {2: 49152}
+b'Z'
+
+A BAR answers once it is decoded, as on a real bus: :meth:`Client.bring_up`
+does what firmware does at boot (addresses, decoding, bus mastering).
 
 Every request waits for its reply (or, with ``no_reply=True``, does not ask
 for one). An error reply raises :class:`~vfiouser.errors.ErrorReply` with the
@@ -24,12 +30,15 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ClientStateError, ErrorReply, ReplyTimeout
+from vfiouser.devices.pci.firmware import assign_bars
+
+from .errors import ClientStateError, ErrorReply, ReplyTimeout, UnsupportedCommand, VfioUserError
 from .protocol import (
     DMA_ACCESS,
     HEADER,
@@ -107,7 +116,7 @@ class Client:
     """A connection to a vfio-user server (see the module docstring)."""
 
     def __init__(self, sock: socket.socket, *, timeout: float = 5.0, dma_handler: Callable | None = None) -> None:
-        self.transport = Transport(sock, max_msg_size=64 << 20, name="client")
+        self.transport = Transport(sock, max_msg_size=64 << 20, log=logging.getLogger("vfiouser.client"))
         self.timeout = timeout
         self.dma_handler = dma_handler
         self._next_id = 0
@@ -222,12 +231,12 @@ class Client:
         err = 0
         try:
             if msg.cmd not in (Command.DMA_READ, Command.DMA_WRITE) or self.dma_handler is None:
-                raise OSError(errno.ENOSYS, "not served by this client")
+                raise UnsupportedCommand(f"{command_name(msg.cmd)} is not served by this client")
             addr, count = DMA_ACCESS.unpack_from(msg.payload)
             data = msg.payload[DMA_ACCESS.size :]
             result = self.dma_handler(msg.cmd, addr, count, data)
             reply_payload = DMA_ACCESS.pack(addr, count) + (result or b"")
-        except OSError as exc:
+        except (OSError, VfioUserError) as exc:  # a dma_handler may raise either
             err = exc.errno or errno.EIO
         except Exception:
             err = errno.EIO
@@ -300,6 +309,12 @@ class Client:
             Layout.WRITE_MULTI_ENTRY.pack(offset, region, len(data), data.ljust(8, b"\0")) for region, offset, data in writes
         )
         self.request(Command.REGION_WRITE_MULTI, payload, no_reply=posted)
+
+    def bring_up(self, **kwargs) -> dict[int, int]:
+        """Do what firmware does at boot (:func:`vfiouser.devices.pci.firmware.assign_bars`):
+        give every BAR an address and turn decoding and bus mastering on, so the BARs answer.
+        Returns ``{bar index: address}``."""
+        return assign_bars(self.config_read, self.config_write, **kwargs)
 
     def config_read(self, offset: int, size: int = 4) -> int:
         """Read a config-space register (region 7) as a little-endian integer."""

@@ -275,6 +275,22 @@ class DmaMappings:
                         out.append((lo, hi - lo))
         return out
 
+    def in_place(self, addr: int, size: int, write: bool) -> bool:
+        """Whether all of ``[addr, addr+size)`` is mapped for this direction and mmapped (no
+        message needed to reach it)."""
+        end = addr + size
+        with self._cond:
+            i = bisect.bisect_right(self._addrs, addr) - 1
+            pos = addr
+            while pos < end:
+                region = self._regions[i] if 0 <= i < len(self._regions) else None
+                if (region is None or not region.addr <= pos < region.end or region.mem is None
+                        or not (region.writable if write else region.readable)):
+                    return False
+                pos = region.end
+                i += 1
+        return True
+
     def release(self, pieces: list[tuple[DmaRegion, int, int]]) -> None:
         """Unpin what :meth:`acquire` pinned."""
         with self._cond:

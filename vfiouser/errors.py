@@ -1,13 +1,17 @@
-"""Errors of the vfio-user layer, one class per kind of failure.
+"""Errors of the protocol engine, one class per kind of failure.
 
-Protocol errors carry the errno the server puts in its error reply and, where
-there is one, the offending bytes (``raw``), so a log line or a test can show
-exactly what was wrong.
+Every error of vfiouser derives from the one root :class:`VfioUserError`
+(defined in :mod:`vfiouser.iomgr.errors`, the lowest layer, and re-exported
+here); each carries ``errno``, the errno a backend answers with. Protocol
+errors also carry, where there is one, the offending bytes (``raw``), so a log
+line or a test can show exactly what was wrong.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+
+from vfiouser.iomgr.errors import VfioUserError
 
 __all__ = [
     "VfioUserError",
@@ -25,11 +29,8 @@ __all__ = [
     "ErrorReply",
     "ReplyTimeout",
     "ClientStateError",
+    "UsageError",
 ]
-
-
-class VfioUserError(Exception):
-    """Base class of every vfio-user error."""
 
 
 class ProtocolError(VfioUserError):
@@ -38,13 +39,11 @@ class ProtocolError(VfioUserError):
     ``raw`` holds the offending bytes (a payload or a header), when there are some.
     """
 
-    errno: int = _errno.EINVAL
+    errno = _errno.EINVAL
 
     def __init__(self, message: str, *, raw: bytes | None = None, errno: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, errno=errno)
         self.raw = raw
-        if errno is not None:
-            self.errno = errno
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -103,19 +102,27 @@ class FramingError(ProtocolError):
 class ConnectionClosed(VfioUserError):
     """The peer closed the connection (or it broke)."""
 
+    errno = _errno.ECONNRESET
+
 
 class ErrorReply(VfioUserError):
     """The peer answered a request with an error reply (client side). ``errno`` is positive."""
 
     def __init__(self, command: str, errno: int) -> None:
-        self.command, self.errno = command, errno
+        self.command = command
         name = _errno.errorcode.get(errno, str(errno))
-        super().__init__(f"{command} failed: {name} ({errno})")
+        super().__init__(f"{command} failed: {name} ({errno})", errno=errno)
 
 
 class ReplyTimeout(VfioUserError):
     """No reply arrived in time."""
 
+    errno = _errno.ETIMEDOUT
+
 
 class ClientStateError(VfioUserError):
     """A client call that is not valid in the connection's current state."""
+
+
+class UsageError(VfioUserError, ValueError):
+    """An argument the engine cannot take (a server option out of range, ...); also a ValueError."""

@@ -45,6 +45,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .errors import VfioUserError
 from .qemu import find_qemu, machine_args
 
 __all__ = [
@@ -65,7 +66,7 @@ READY_MARKER = "VFIOUSER-GUEST-READY"
 EXIT_MARKER = "VFIOUSER-GUEST-EXIT"
 
 
-class GuestError(Exception):
+class GuestError(VfioUserError):
     """The guest did not boot, did not finish in time, or failed."""
 
 

@@ -23,6 +23,10 @@ Semantics, as QEMU 11.1.3 uses them:
   it (NONE|UNMASK after the guest's EOI, or a write to the *resample* eventfd
   installed with EVENTFD|UNMASK under KVM). On unmask, a line that is still
   asserted is signalled again.
+
+:class:`IrqState` is also the session's
+:class:`~vfiouser.devices.port.InterruptSink`: the device port tells it the
+INTx level and hands it MSI/MSI-X vectors to signal.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import logging
 import os
 import threading
 
+from vfiouser.devices.port import InterruptSink
+
 from .errors import BadIrqRequest
 from .protocol import IrqIndex, IrqInfoFlags, IrqSetFlags
 
 __all__ = ["IrqState", "NUM_IRQ_INDEXES"]
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 NUM_IRQ_INDEXES = 5
 _ONE = (1).to_bytes(8, "little")
@@ -46,7 +52,7 @@ def _signal(fd: int) -> None:
     try:
         os.write(fd, _ONE)
     except OSError as exc:
-        log.warning("cannot signal eventfd %d: %s", fd, exc)
+        _log.warning("cannot signal eventfd %d: %s", fd, exc)
 
 
 def _close(fd: int | None) -> None:
@@ -57,7 +63,7 @@ def _close(fd: int | None) -> None:
             pass
 
 
-class IrqState:
+class IrqState(InterruptSink):
     """Eventfds and masks of one session, for a device with ``counts[i]`` vectors at index ``i``.
 
     Thread-safe: the session thread changes it, device threads fire through it.
@@ -65,17 +71,18 @@ class IrqState:
     or goes away, so the server loop can poll it and call :meth:`resampled`.
     """
 
-    def __init__(self, counts: list[int], *, watch=None, unwatch=None, intx_level=lambda: False) -> None:
+    def __init__(self, counts, *, watch=None, unwatch=None, log=None) -> None:
         self.counts = list(counts)
         self.fds: list[list[int | None]] = [[None] * n for n in self.counts]
         self.enabled = [False] * len(self.counts)
         self.masked: list[list[bool]] = [[False] * n for n in self.counts]
         self.resample_fd: int | None = None
-        self._intx_level = intx_level
+        #: the device's effective INTx level, as the port last said
+        self.intx_level = False
         self._watch = watch or (lambda fd: None)
         self._unwatch = unwatch or (lambda fd: None)
         self._lock = threading.RLock()
-        self.log = log
+        self.log = log if log is not None else _log
 
     # -- GET_IRQ_INFO ------------------------------------------------------------
 
@@ -153,7 +160,7 @@ class IrqState:
             self.enabled[index] = True
             self.log.debug("irq index %d vectors %d..%d: %s", index, start, start + count - 1,
                            "eventfds set" if self.fds[index][start] is not None else "no eventfd")
-            if index == IrqIndex.INTX and self._intx_level():
+            if index == IrqIndex.INTX and self.intx_level:
                 self._fire_intx()
             return
         for vec in self._selected(dtype, start, count, data):
@@ -194,7 +201,7 @@ class IrqState:
             return
         for vec in self._selected(dtype, start, count, data):
             self.masked[index][vec] = False
-            if index == IrqIndex.INTX and self._intx_level():
+            if index == IrqIndex.INTX and self.intx_level:
                 self._fire_intx()
 
     def _drop_resample(self) -> None:
@@ -223,11 +230,20 @@ class IrqState:
                 return False
             return self._fire(index, vector)
 
+    # -- InterruptSink ------------------------------------------------------------
+
     def intx(self, asserted: bool) -> None:
         """The device's effective INTx level changed."""
-        if asserted:
-            with self._lock:
+        with self._lock:
+            self.intx_level = asserted
+            if asserted:
                 self._fire_intx()
+
+    def msi(self, vector: int) -> bool:
+        return self.fire_vector(IrqIndex.MSI, vector)
+
+    def msix(self, vector: int) -> bool:
+        return self.fire_vector(IrqIndex.MSIX, vector)
 
     def resampled(self) -> None:
         """The resample eventfd fired: the guest acknowledged INTx; unmask and re-assert if pending."""
@@ -240,7 +256,7 @@ class IrqState:
             pass
         with self._lock:
             self.masked[IrqIndex.INTX][0] = False
-            if self._intx_level():
+            if self.intx_level:
                 self._fire_intx()
 
     # -- teardown ----------------------------------------------------------------

@@ -43,6 +43,8 @@ from construct import (
 )
 from construct.core import stream_read_entire, stream_write
 
+from .errors import MalformedMessage
+
 __all__ = [
     "Command",
     "MsgType",
@@ -562,13 +564,13 @@ def build_region_caps(caps: list[dict], start: int = REGION_INFO_SIZE) -> tuple[
 
 def parse_region_caps(info: bytes, cap_offset: int) -> list[Container]:
     """Walk the capability chain of a region-info reply (``info`` starts at the
-    region-info struct). Raises :class:`ValueError` on a loop or a bad offset."""
+    region-info struct). Raises :class:`~vfiouser.errors.MalformedMessage` on a loop or a bad offset."""
     caps = []
     seen = set()
     pos = cap_offset
     while pos:
         if pos in seen or pos < REGION_INFO_SIZE or pos + RegionCapHeader.sizeof() > len(info):
-            raise ValueError(f"bad region capability offset {pos:#x}")
+            raise MalformedMessage(f"bad region capability offset {pos:#x}", raw=bytes(info))
         seen.add(pos)
         cap = RegionCap.parse(info[pos:])
         caps.append(cap)

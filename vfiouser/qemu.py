@@ -24,13 +24,15 @@ import threading
 import time
 from collections import deque
 
+from .errors import VfioUserError
+
 __all__ = ["QemuError", "QemuNotFound", "find_qemu", "has_vfio_user", "QtestMachine", "fetched_qemu_path",
            "machine_args", "qtest_args"]
 
 log = logging.getLogger(__name__)
 
 
-class QemuError(Exception):
+class QemuError(VfioUserError):
     """QEMU failed to start, exited early, or answered a command with an error."""
 
 

@@ -2,10 +2,14 @@
 
 QEMU opens one connection per ``vfio-user-pci`` device and never reconnects,
 so the server serves clients one after another: when a client goes away its
-fds and mappings are released and the next ``connect()`` gets a fresh session
-on the same device (whose state is kept). A client that connects while another
+fds and mappings are released, the device is power-cycled (reset with reason
+``CLIENT_LOST``: a new client is a new machine), and the next ``connect()``
+gets a fresh session on the same device. A client that connects while another
 is being served gets an EBUSY error reply to its first message and is
 disconnected.
+
+The server serves a :class:`~vfiouser.devices.port.DevicePort`, or a device
+model (it then serves the model's ``port``).
 
 One thread runs the loop (:meth:`Server.serve_forever`); :meth:`Server.stop`
 may be called from any thread or a signal handler.
@@ -30,12 +34,13 @@ import stat
 import threading
 import time
 
-from vfiouser.devices.pci import PciDevice
+from vfiouser.devices.port import as_port
 
-from .endpoint import DeviceEndpoint
-from .errors import VfioUserError
+from .errors import UsageError, VfioUserError
+from .negotiation import ServerCapabilities
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
-from .session import ServerCapabilities, Session
+from .regions import RegionTable
+from .session import Session
 
 __all__ = ["Server", "SocketInUse", "serve_in_thread"]
 
@@ -135,7 +140,7 @@ class Server:
 
     def __init__(
         self,
-        device: PciDevice,
+        device,
         path: str,
         *,
         caps: ServerCapabilities | None = None,
@@ -144,10 +149,12 @@ class Server:
         poll_us: float = 0.0,
     ) -> None:
         if not 0 <= poll_us <= 1e6:
-            raise ValueError(f"poll_us must be between 0 and 1e6 µs, not {poll_us}")
+            raise UsageError(f"poll_us must be between 0 and 1e6 µs, not {poll_us}")
         self.path = os.path.abspath(path)
-        self.endpoint = DeviceEndpoint(device)
+        #: the device port served, and the model behind it (``device`` as given)
+        self.port = as_port(device)
         self.device = device
+        self.regions = RegionTable(self.port.regions)
         self.caps = caps or ServerCapabilities()
         self.tracer = tracer
         #: µs the loop keeps polling (busy, yielding the CPU) for the next message after
@@ -177,7 +184,7 @@ class Server:
         self._idle.set()
         self._loop_done = threading.Event()  # set while serve_forever is not running
         self._loop_done.set()
-        log.info("serving %r on %s (%s)", device, self.path, self.endpoint.describe_regions())
+        log.info("serving %s on %s (%s)", self.port.describe(), self.path, self.regions.describe())
 
     # -- public ------------------------------------------------------------------
 
@@ -281,7 +288,6 @@ class Server:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
-        self.device.attach(None)
         log.info("server on %s closed", self.path)
 
     def __enter__(self) -> Server:
@@ -320,9 +326,8 @@ class Server:
         self.sessions_served += 1
         name = f"client{self.sessions_served}"
         log.info("%s connected", name)
-        session = Session(
-            conn, self.endpoint, name=name, caps=self.caps, tracer=self.tracer, watch=self._watch, unwatch=self._unwatch
-        )
+        session = Session(conn, self.port, regions=self.regions, name=name, caps=self.caps, tracer=self.tracer,
+                          watch=self._watch, unwatch=self._unwatch)
         try:
             self._sel.register(conn, self._on_session)
         except Exception:  # nothing of it is left behind; the next client gets a clean start
@@ -410,7 +415,7 @@ class serve_in_thread:
     exit, stops the server, joins the thread and removes the socket.
     """
 
-    def __init__(self, device: PciDevice, path: str, **kwargs) -> None:
+    def __init__(self, device, path: str, **kwargs) -> None:
         self.server = Server(device, path, **kwargs)
         self.thread = threading.Thread(target=self.server.serve_forever, name="vfiouser-server", daemon=True)
 

@@ -39,7 +39,7 @@ from .protocol import HEADER, HEADER_SIZE
 
 __all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE", "close_fds", "wait_readable"]
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 #: Most fds accepted in one receive (the kernel's SCM_MAX_FD).
 MAX_FDS_PER_MESSAGE = 253
@@ -113,11 +113,11 @@ def close_fds(fds) -> None:
 class Transport:
     """Framing and fd passing on a connected AF_UNIX stream socket (made non-blocking)."""
 
-    def __init__(self, sock: socket.socket, *, max_msg_size: int = (1 << 20) + 4096, name: str = "") -> None:
+    def __init__(self, sock: socket.socket, *, max_msg_size: int = (1 << 20) + 4096, log=None) -> None:
         self.sock = sock
         sock.setblocking(False)
         self.max_msg_size = max_msg_size
-        self.log = log.getChild(name) if name else log
+        self.log = log if log is not None else _log
         self._buf = bytearray(_MIN_CHUNK)
         # A view of _buf kept for slicing (the receive window, payloads). _buf is never resized
         # in place (a bigger one replaces it), so the export is harmless.

@@ -18,28 +18,32 @@ from .dma import (
     DmaWouldDeadlock,
 )
 from .msi import MsiCapability, MsixCapability
-from .device import (
-    CONFIG_REGION,
-    INTA,
-    INTB,
-    INTC,
-    INTD,
-    NO_PIN,
-    NUM_REGIONS,
-    ROM_REGION,
-    VGA_REGION,
-    DeviceBackend,
+from .device import CONFIG_REGION, INTA, INTB, INTC, INTD, NO_PIN, NUM_REGIONS, ROM_REGION, VGA_REGION, PciDevice
+from .port import PciPort
+from vfiouser.devices.errors import DefinitionError, DeviceError, DeviceUsageError, RegionAccessError
+from vfiouser.devices.port import (
+    DevicePort,
+    DmaBackend,
     InterruptSink,
-    PciDevice,
-    Region,
-    RegionAccessError,
+    IrqCounts,
+    RegionInfo,
     RegionKind,
+    ResetReason,
+    ResetType,
 )
 
 __all__ = [
     "PciDevice",
+    "PciPort",
+    "DevicePort",
     "InterruptSink",
-    "DeviceBackend",
+    "DmaBackend",
+    "IrqCounts",
+    "ResetReason",
+    "ResetType",
+    "DeviceError",
+    "DefinitionError",
+    "DeviceUsageError",
     "MsiCapability",
     "MsixCapability",
     "Dma",
@@ -50,7 +54,7 @@ __all__ = [
     "DmaAborted",
     "DmaBusMasterDisabled",
     "DmaWouldDeadlock",
-    "Region",
+    "RegionInfo",
     "RegionKind",
     "RegionAccessError",
     "ConfigSpace",

@@ -8,8 +8,17 @@
 Sizes are powers of two. A BAR is given to :meth:`vfiouser.devices.pci.PciDevice.add_bar`,
 which programs its register in config space (type bits read-only, address bits
 above the size writable, so the guest's sizing write of all-ones reads back the
-size mask) and gives it a *window* in the device's IoManager. Handlers are then
-attached to the whole BAR or to parts of it with :meth:`Bar.map`.
+size mask). Handlers are attached to the whole BAR or to parts of it with
+:meth:`Bar.map`.
+
+A BAR is *decoded* where the guest put it: once the guest (or its firmware)
+has programmed an address and enabled I/O or memory decoding in the command
+register, every handler is registered in the device's IoManager at that guest
+address plus its offset, and a handler's ``base`` is the guest address of its
+block (the device reconciles this on every write to a BAR or to the command
+register, in one IoManager transaction). An access to a BAR that is not
+decoded reads as all-ones and drops writes, as a master abort does on a real
+bus (see ``docs/design.md``, "Regions and the IoManager").
 
 Parts of a memory BAR may instead be *shared memory* (:meth:`MemoryBar.share`):
 page-aligned areas backed by a memfd or a host file that the client maps
@@ -31,7 +40,8 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
-from vfiouser.iomgr import DeviceIo, MmioAddressRange, PioAddressRange, Resource
+from vfiouser.devices.errors import DefinitionError
+from vfiouser.iomgr import DeviceIo, IoManager, MmioAddressRange, NoDevice, PioAddressRange, Resource
 
 from .config import (
     PCI_BASE_ADDRESS_MEM_PREFETCH,
@@ -53,7 +63,7 @@ MAX_ROM_SIZE = 1 << 20
 PAGE_SIZE = mmap.PAGESIZE
 
 
-class BarError(ValueError):
+class BarError(DefinitionError):
     """A BAR declaration or mapping that cannot work (size, index, overlap)."""
 
 
@@ -63,16 +73,24 @@ def _check_pow2(kind: str, size: int, minimum: int, maximum: int) -> None:
 
 
 class Bar:
-    """Common part of BARs: size, index, owner device and handler mappings."""
+    """Common part of BARs: size, index, owner device, handler mappings, and where the
+    guest decodes it."""
 
     #: True for port I/O BARs (mapped on the PIO bus), False for memory.
     is_io = False
+    #: The IoManager's dispatch functions for this kind of BAR.
+    _bus_read = staticmethod(IoManager.mmio_read)
+    _bus_write = staticmethod(IoManager.mmio_write)
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.index: int | None = None
         self.device: PciDevice | None = None
         self.mappings: list[tuple[int, int, DeviceIo]] = []
+        #: The guest address the BAR is decoded at, or None: not programmed, decoding off in
+        #: the command register, or overlapping another BAR of the device.
+        self.address: int | None = None
+        self._io = None  # the device's IoManager, once the BAR is added to a device
 
     # -- config-space encoding (used by PciDevice.add_bar) --------------------
 
@@ -91,53 +109,136 @@ class Bar:
 
     # -- handlers ---------------------------------------------------------------
 
-    @property
-    def window(self) -> int:
-        """Base address of this BAR in the device's IoManager (see ``docs/design.md``)."""
-        if self.device is None or self.index is None:
-            raise BarError("the BAR is not added to a device yet")
-        return self.device.region_window(self.index)
+    def resource(self, address: int, offset: int, size: int) -> Resource:
+        """The IoManager resource for ``[offset, offset+size)`` of this BAR decoded at ``address``."""
+        if self.is_io:
+            return PioAddressRange(address + offset, size)
+        return MmioAddressRange(address + offset, size)
 
-    def resource(self, offset: int, size: int) -> Resource:
-        """The IoManager resource for ``[offset, offset+size)`` of this BAR."""
+    def _check_block(self, offset: int, size: int) -> None:
         if offset < 0 or size <= 0 or offset + size > self.size:
             raise BarError(f"[{offset:#x}, +{size:#x}) is outside the {self.size:#x}-byte BAR")
-        if self.is_io:
-            return PioAddressRange(self.window + offset, size)
-        return MmioAddressRange(self.window + offset, size)
+        for area_off, area_size in self.shared_areas:
+            if offset < area_off + area_size and area_off < offset + size:
+                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the shared area at {area_off:#x} "
+                               "(guest accesses there reach memory, never a handler)")
+
+    #: ``(offset, size)`` of each shared (mmap-able) area; only memory BARs have any.
+    shared_areas: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()
 
     def map(self, handler: DeviceIo, offset: int = 0, size: int | None = None) -> None:
         """Route accesses to ``[offset, offset+size)`` of this BAR to ``handler``.
 
         ``size`` defaults to the rest of the BAR. The handler sees offsets
         relative to ``offset`` (its own block), through ``pio_read``/``pio_write``
-        for an I/O BAR and ``read``/``write`` for a memory BAR. Several handlers
-        may share a BAR (disjoint blocks); one handler may serve several BARs.
+        for an I/O BAR and ``read``/``write`` for a memory BAR, and as ``base``
+        the guest address of its block. Several handlers may share a BAR
+        (disjoint blocks); one handler may serve several BARs. May be called
+        while the device is served (from any thread).
         """
         if size is None:
             size = self.size - offset
-        res = self.resource(offset, size)
-        for area_off, area_size in getattr(self, "shared_areas", ()):
-            if offset < area_off + area_size and area_off < offset + size:
-                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the shared area at {area_off:#x}: "
-                               "the guest's accesses there never reach a handler")
+        self._check_block(offset, size)
         dev = self.device
-        assert dev is not None
-        with dev.io.transaction() as tx:
-            dev.io.register_device_io(tx, handler, [res])
-        self.mappings.append((offset, size, handler))
+        if dev is None:
+            raise BarError("add the BAR to a device before mapping handlers on it")
+        with dev.lock:
+            for other, other_size, _ in self.mappings:
+                if offset < other + other_size and other < offset + size:
+                    raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the handler mapped at {other:#x}")
+            if self.address is not None:
+                with dev.io.transaction() as tx:
+                    dev.io.register_device_io(tx, handler, [self.resource(self.address, offset, size)])
+            self.mappings.append((offset, size, handler))
 
     def unmap(self, offset: int = 0) -> None:
         """Remove the handler mapped at ``offset`` (accesses there become unclaimed)."""
-        for i, (off, size, _handler) in enumerate(self.mappings):
-            if off == offset:
-                dev = self.device
-                assert dev is not None
-                with dev.io.transaction() as tx:
-                    dev.io.unregister_device_io(tx, [self.resource(off, size)])
-                del self.mappings[i]
-                return
+        dev = self.device
+        assert dev is not None
+        with dev.lock:
+            for i, (off, size, _handler) in enumerate(self.mappings):
+                if off == offset:
+                    if self.address is not None:
+                        with dev.io.transaction() as tx:
+                            dev.io.unregister_device_io(tx, [self.resource(self.address, off, size)])
+                    del self.mappings[i]
+                    return
         raise BarError(f"nothing is mapped at offset {offset:#x} of BAR{self.index}")
+
+    # -- decoding (the device calls these with its lock held, inside one transaction) --
+
+    def register_at(self, io, tx, address: int) -> None:
+        """Register every handler at ``address`` in transaction ``tx``; all or nothing."""
+        done = []
+        try:
+            for offset, size, handler in self.mappings:
+                res = self.resource(address, offset, size)
+                io.register_device_io(tx, handler, [res])
+                done.append(res)
+        except Exception:
+            if done:
+                io.unregister_device_io(tx, done)
+            raise
+        self.address = address
+
+    def unregister(self, io, tx) -> None:
+        """Remove every handler from the IoManager (the BAR is no longer decoded)."""
+        if self.address is not None and self.mappings:
+            io.unregister_device_io(tx, [self.resource(self.address, off, size) for off, size, _ in self.mappings])
+        self.address = None
+
+    # -- access (the device port calls these with the device lock held) ----------
+
+    def read(self, offset: int, data: bytearray | memoryview) -> None:
+        """A read of the BAR at ``offset``: through the IoManager where the BAR is decoded;
+        all-ones where it is not, or where no handler claims the bytes (a master abort)."""
+        address = self.address
+        if address is None:
+            data[:] = b"\xff" * len(data)
+            self.device._master_abort(self, offset, len(data), "read")
+            return
+        try:
+            self._bus_read(self._io.current, address + offset, data)
+        except NoDevice as exc:
+            data[:] = b"\xff" * len(data)
+            self.device._unclaimed(self.index, offset, len(data), "read", exc)
+
+    def local_read(self, offset: int, data: bytearray | memoryview) -> None:
+        """A read that does not come over the bus (the device's own window into its BAR, such
+        as virtio's PCI configuration access): straight to the handler mapped at ``offset``,
+        whether the BAR is decoded or not; all-ones where no handler takes it all. ``base`` is
+        the block's guest address, or its offset in the BAR while the BAR is not decoded."""
+        hit = self._handler_at(offset, len(data))
+        if hit is None:
+            data[:] = b"\xff" * len(data)
+            return
+        handler, base, rel = hit
+        (handler.pio_read if self.is_io else handler.read)(base, rel, data)
+
+    def local_write(self, offset: int, data: bytes | memoryview) -> None:
+        """A write that does not come over the bus (see :meth:`local_read`); dropped where no
+        handler takes it all."""
+        hit = self._handler_at(offset, len(data))
+        if hit is not None:
+            handler, base, rel = hit
+            (handler.pio_write if self.is_io else handler.write)(base, rel, data)
+
+    def _handler_at(self, offset: int, size: int):
+        for start, length, handler in self.mappings:
+            if start <= offset and offset + size <= start + length:
+                return handler, (self.address or 0) + start, offset - start
+        return None
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """A write of the BAR at ``offset``; dropped where the BAR is not decoded or unclaimed."""
+        address = self.address
+        if address is None:
+            self.device._master_abort(self, offset, len(data), "write")
+            return
+        try:
+            self._bus_write(self._io.current, address + offset, data)
+        except NoDevice as exc:
+            self.device._unclaimed(self.index, offset, len(data), "write", exc)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size:#x}, index={self.index})"
@@ -147,6 +248,8 @@ class IoBar(Bar):
     """A port I/O BAR of ``size`` bytes (4..256)."""
 
     is_io = True
+    _bus_read = staticmethod(IoManager.pio_read)
+    _bus_write = staticmethod(IoManager.pio_write)
 
     def __init__(self, size: int) -> None:
         _check_pow2("I/O BAR", size, 4, MAX_IO_BAR_SIZE)
@@ -254,12 +357,7 @@ class MemoryBar(Bar):
         if offset % PAGE_SIZE or size % PAGE_SIZE or size <= 0 or offset < 0 or offset + size > self.size:
             raise BarError(f"a shared area must be whole {PAGE_SIZE:#x}-byte pages inside the {self.size:#x}-byte "
                            f"BAR, not [{offset:#x}, +{size:#x})")
-        for area_off, area_size in self.shared_areas:
-            if offset < area_off + area_size and area_off < offset + size:
-                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the shared area at {area_off:#x}")
-        for map_off, map_size, _ in self.mappings:
-            if offset < map_off + map_size and map_off < offset + size:
-                raise BarError(f"[{offset:#x}, +{size:#x}) overlaps the handler mapped at {map_off:#x}")
+        self._check_block(offset, size)  # against other shared areas; map() checks handlers
         if self.shared is None:
             self.shared = SharedMemory(self.size, path=self.file, name=f"vfiouser-bar{self.index}")
         view = self.shared.view[offset : offset + size]
@@ -288,7 +386,12 @@ class MemoryBar(Bar):
 
 
 class RomBar(Bar):
-    """The expansion ROM: ``data`` padded with 0xff to ``size`` (default: next power of two)."""
+    """The expansion ROM: ``data`` padded with 0xff to ``size`` (default: next power of two).
+
+    The client reads the ROM's contents by region index (QEMU copies them when the
+    guest first looks at the ROM BAR), whatever the guest's ROM BAR says, so the ROM is
+    never decoded through the IoManager and takes no handlers.
+    """
 
     def __init__(self, data: bytes, size: int | None = None) -> None:
         if size is None:
@@ -304,3 +407,9 @@ class RomBar(Bar):
 
     def address_mask(self) -> int:
         return (~(self.size - 1) & 0xFFFF_F800) | PCI_ROM_ADDRESS_ENABLE
+
+    def map(self, handler: DeviceIo, offset: int = 0, size: int | None = None) -> None:
+        raise BarError("the expansion ROM is data, not handlers")
+
+    def read(self, offset: int, data: bytearray | memoryview) -> None:
+        data[:] = self.data[offset : offset + len(data)]

@@ -25,6 +25,8 @@ change read-only bits directly with the ``set_*`` methods.
 
 from __future__ import annotations
 
+from vfiouser.devices.errors import DefinitionError
+
 import struct
 from collections.abc import Callable, Iterator
 
@@ -66,6 +68,8 @@ __all__ = [
     "PCI_BASE_ADDRESS_SPACE_IO",
     "PCI_BASE_ADDRESS_MEM_TYPE_64",
     "PCI_BASE_ADDRESS_MEM_PREFETCH",
+    "PCI_BASE_ADDRESS_IO_MASK",
+    "PCI_BASE_ADDRESS_MEM_MASK",
     "PCI_ROM_ADDRESS_ENABLE",
     "PCI_CAP_LIST_FIRST",
     "PCI_CAP_ID_PM",
@@ -119,6 +123,8 @@ PCI_STATUS_W1C = 0x0100 | 0x0800 | 0x1000 | 0x2000 | 0x4000 | 0x8000
 PCI_BASE_ADDRESS_SPACE_IO = 0x1
 PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
 PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
+PCI_BASE_ADDRESS_IO_MASK = 0xFFFF_FFFC
+PCI_BASE_ADDRESS_MEM_MASK = 0xFFFF_FFF0
 PCI_ROM_ADDRESS_ENABLE = 0x1
 
 #: First offset a capability may use (right after the type-0 header).
@@ -139,7 +145,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
 
-class ConfigSpaceError(Exception):
+class ConfigSpaceError(DefinitionError):
     """A device model asked for an impossible config-space layout (overlap, no room, bad offset)."""
 
 
@@ -332,12 +338,12 @@ class ConfigSpace:
         """Remember the current contents as the power-on/reset state."""
         self._defaults = bytes(self.data)
 
-    def reset(self) -> None:
-        """Return to the state remembered by :meth:`freeze_defaults` (a function-level
-        reset), except for sticky bits, which keep their value."""
+    def reset(self, *, cold: bool = False) -> None:
+        """Return to the state remembered by :meth:`freeze_defaults`: a function-level
+        reset keeps the sticky bits' values, a power cycle (``cold``) does not."""
         if self._defaults is None:
             return
-        if not any(self.stickymask):
+        if cold or not any(self.stickymask):
             self.data[:] = self._defaults
             return
         for i, (now, default, sticky) in enumerate(zip(self.data, self._defaults, self.stickymask)):

@@ -14,33 +14,36 @@ attributes, declares its BARs in ``__init__`` and maps handlers onto them::
 
         def pio_read(self, base, offset, data): ...
         def pio_write(self, base, offset, data): ...
+        def reset(self, reason): ...            # registers back to their reset values
 
 The framework builds the configuration space (type-0 header, BAR registers,
-capability list), the region table a backend serves, and an
-:class:`~vfiouser.iomgr.CowIoManager` in which every region has a *window* (see
-:meth:`PciDevice.region_window`): config space, the ROM and memory BARs on the
-MMIO bus, I/O BARs on the PIO bus. A backend (the vfio-user server, or another
-transport) turns each region access into :meth:`PciDevice.region_read` /
-:meth:`PciDevice.region_write`, which dispatch through that IoManager.
+capability list) and a :class:`~vfiouser.iomgr.CowIoManager` that holds each
+BAR's handlers at the guest address the guest programmed, while the command
+register lets the BAR decode (so a handler's ``base`` is the guest address of
+its block and ``offset`` is relative to it). A backend never calls the model
+directly: it goes through the device's :attr:`PciDevice.port`
+(:mod:`vfiouser.devices.pci.port`), the one seam between protocol and model.
 
 Threading: every call a backend makes into the model (region accesses, reset)
 holds :attr:`PciDevice.lock`. Code that changes the model from elsewhere (a
 host-side API, a timer thread) must take the same lock.
 
-Nothing here knows about vfio-user: interrupts and DMA go through a
-:class:`DeviceBackend` that the backend attaches. Work that must not run
-inside a register handler (DMA, anything slow) is deferred with
+Nothing here knows about vfio-user: interrupts and DMA go to the
+:class:`~vfiouser.devices.port.InterruptSink` and
+:class:`~vfiouser.devices.port.DmaBackend` the backend attaches. Work that must
+not run inside a register handler (DMA, anything slow) is deferred with
 :meth:`PciDevice.defer` and runs once the triggering request is answered.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Protocol
 
-from vfiouser.iomgr import CowIoManager, DeviceIo, MmioAddressRange, NoDevice
+from vfiouser.devices.errors import DefinitionError, DeviceUsageError
+from vfiouser.devices.port import InterruptSink, RegionInfo, RegionKind, ResetReason, ResetType
+from vfiouser.iomgr import CowIoManager, DeviceIo, DeviceOverlap, NoDevice
 
 from .bars import Bar, BarError, RomBar
 from .dma import NO_BACKEND, Dma
@@ -48,6 +51,8 @@ from .msi import MsiCapability, MsixCapability
 from .worker import DeviceWorker
 from .config import (
     PCI_BASE_ADDRESS_0,
+    PCI_BASE_ADDRESS_IO_MASK,
+    PCI_BASE_ADDRESS_MEM_MASK,
     PCI_CACHE_LINE_SIZE,
     PCI_CLASS_PROG,
     PCI_COMMAND,
@@ -75,11 +80,6 @@ from .config import (
 
 __all__ = [
     "PciDevice",
-    "InterruptSink",
-    "DeviceBackend",
-    "Region",
-    "RegionKind",
-    "RegionAccessError",
     "NO_PIN",
     "INTA",
     "INTB",
@@ -89,8 +89,7 @@ __all__ = [
     "CONFIG_REGION",
     "VGA_REGION",
     "NUM_REGIONS",
-    "MMIO_WINDOW_SHIFT",
-    "PIO_WINDOW_SIZE",
+    "COLD_RESET_WAIT",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,10 +103,12 @@ CONFIG_REGION = 7
 VGA_REGION = 8
 NUM_REGIONS = 9
 
-#: Region ``i`` (memory BAR, ROM or config space) sits at MMIO ``i << 40`` in the device's IoManager.
-MMIO_WINDOW_SHIFT = 40
-#: I/O BAR ``i`` sits at port ``i * 0x100`` in the device's IoManager.
-PIO_WINDOW_SIZE = 0x100
+#: Seconds a power cycle waits for a deferred task that is running to finish.
+COLD_RESET_WAIT = 2.0
+#: Distinct unclaimed accesses remembered (to warn once about each); beyond that, debug only.
+_UNCLAIMED_MEMORY = 1024
+#: The x86 port I/O space the guest decodes I/O BARs in.
+_IO_SPACE_END = 0x10000
 
 #: Writable command bits, as QEMU's PCI core has them: I/O, memory, bus master, SERR#,
 #: INTx disable. (Parity error response is optional in PCI; a model that checks parity
@@ -115,91 +116,20 @@ PIO_WINDOW_SIZE = 0x100
 _COMMAND_WMASK = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE
 
 
-class RegionKind:
-    """What a region is (string constants, for backends and logs)."""
-
-    ABSENT = "absent"
-    IO = "io"
-    MEMORY = "memory"
-    ROM = "rom"
-    CONFIG = "config"
-
-
-@dataclass(frozen=True)
-class Region:
-    """One region as a backend exposes it: index, size (0 = absent), kind, access rights, and
-    the shared areas a client may map (``(offset, size)`` pairs in the file ``mmap_fd``, whose
-    offset 0 is the region's offset 0)."""
-
-    index: int
-    size: int
-    kind: str
-    readable: bool
-    writable: bool
-    mmap_areas: tuple[tuple[int, int], ...] = ()
-    mmap_fd: int | None = None
-
-
-class RegionAccessError(ValueError):
-    """A backend asked for an access outside a region (its bug, or a bad client request)."""
-
-
-class InterruptSink(Protocol):
-    """Where a device model's interrupts go; implemented by a backend."""
+class _NoSink(InterruptSink):
+    """No client: interrupts go nowhere (MSI/MSI-X vectors are held pending)."""
 
     def intx(self, asserted: bool) -> None:
-        """The effective INTx level changed (pin level, gated by the INTx-disable bit)."""
-
-
-class DeviceBackend(InterruptSink, Protocol):
-    """Everything a backend provides to a model: interrupts and DMA (see :mod:`vfiouser.devices.pci.dma`).
-
-    ``msi``/``msix`` send one vector and return whether they could (False: no
-    route for it yet; the framework holds it pending and calls
-    :meth:`PciDevice.retry_interrupts` when the backend says routes changed).
-    """
+        pass
 
     def msi(self, vector: int) -> bool:
-        """Send MSI ``vector``; False if there is no route for it."""
+        return False
 
     def msix(self, vector: int) -> bool:
-        """Send MSI-X ``vector``; False if there is no route for it."""
-
-    def dma_read(self, addr: int, size: int) -> bytes:
-        """Guest memory ``[addr, addr+size)``."""
-
-    def dma_write(self, addr: int, data: bytes) -> None:
-        """Write ``data`` to guest memory at ``addr``."""
+        return False
 
 
-class _ConfigHandler(DeviceIo):
-    """Config space as an IoManager handler: forwards to the model's config hooks."""
-
-    __slots__ = ("device",)
-
-    def __init__(self, device: PciDevice) -> None:
-        self.device = device
-
-    def read(self, base, offset, data):
-        self.device.config_read(offset, data)
-
-    def write(self, base, offset, data):
-        self.device.config_write(offset, data)
-
-
-class _RomHandler(DeviceIo):
-    """The expansion ROM: reads return its bytes, writes are ignored."""
-
-    __slots__ = ("rom",)
-
-    def __init__(self, rom: RomBar) -> None:
-        self.rom = rom
-
-    def read(self, base, offset, data):
-        data[:] = self.rom.data[offset : offset + len(data)]
-
-    def write(self, base, offset, data):
-        log.debug("write to the expansion ROM at %#x ignored", offset)
+NO_SINK = _NoSink()
 
 
 class PciDevice(DeviceIo):
@@ -223,9 +153,14 @@ class PciDevice(DeviceIo):
     config_size: int = PCI_CONFIG_SPACE_SIZE
     #: Guest-writable bits of the command register.
     command_wmask: int = _COMMAND_WMASK
-    #: Whether a reset drops deferred work that has not started yet (a function-level reset
-    #: stops what the device was about to do; a model that must not, like QEMU's edu, says False).
+    #: Whether a warm reset drops deferred work that has not started yet (a function-level
+    #: reset stops what the device was about to do; a model that must not, like QEMU's edu,
+    #: says False). A power cycle always drops it.
     reset_cancels_deferred: bool = True
+    #: Whether a client that goes away power-cycles the device, so the next client (a new
+    #: VM) meets it as built. A model whose state must outlive a VM says False: losing the
+    #: client is then a warm reset, which keeps what a warm reset keeps.
+    power_cycle_on_disconnect: bool = True
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -236,7 +171,8 @@ class PciDevice(DeviceIo):
         self.rom: RomBar | None = None
         self._intx_level = False
         self._intx_effective = False
-        self._sink: InterruptSink | None = None
+        #: Where interrupts go; set by the device port while a client is attached.
+        self._sink: InterruptSink = NO_SINK
         #: The MSI capability, once :meth:`add_msi` created it.
         self.msi: MsiCapability | None = None
         #: The MSI-X capability, once :meth:`add_msix` created it.
@@ -246,21 +182,16 @@ class PciDevice(DeviceIo):
         #: Runs deferred work (see :meth:`defer`).
         self.worker = DeviceWorker(type(self).__name__)
         self._realized = False
-        #: per region ``(size, window, is_io)``, built on first access (see :meth:`_routes_table`)
-        self._routes: tuple[tuple[int, int, bool], ...] | None = None
-        self._unclaimed_seen: set[tuple[int, int, int, str]] = set()
+        self._port = None
+        self._unclaimed_seen: set[tuple] = set()
         self._build_header()
-        with self.io.transaction() as tx:
-            self.io.register_device_io(
-                tx, _ConfigHandler(self), [MmioAddressRange(self.region_window(CONFIG_REGION), self.config_size)]
-            )
 
     # -- construction -----------------------------------------------------------
 
     def _build_header(self) -> None:
         cs = self.config
         if not 0 < self.vendor_id < 0xFFFF:
-            raise ValueError(f"{type(self).__name__}.vendor_id must be set (got {self.vendor_id:#x})")
+            raise DefinitionError(f"{type(self).__name__}.vendor_id must be set (got {self.vendor_id:#x})")
         cs.set_word(PCI_VENDOR_ID, self.vendor_id)
         cs.set_word(PCI_DEVICE_ID, self.device_id)
         cs.set_byte(PCI_REVISION_ID, self.revision)
@@ -269,13 +200,14 @@ class PciDevice(DeviceIo):
         cs.set_word(PCI_SUBSYSTEM_VENDOR_ID, self.subsystem_vendor_id)
         cs.set_word(PCI_SUBSYSTEM_ID, self.subsystem_id)
         if self.interrupt_pin not in (NO_PIN, INTA, INTB, INTC, INTD):
-            raise ValueError(f"interrupt_pin must be 0..4, not {self.interrupt_pin}")
+            raise DefinitionError(f"interrupt_pin must be 0..4, not {self.interrupt_pin}")
         cs.set_byte(PCI_INTERRUPT_PIN, self.interrupt_pin)
         cs.set_wmask_word(PCI_COMMAND, self.command_wmask)
         cs.set_w1cmask_word(PCI_STATUS, PCI_STATUS_W1C)
         cs.set_wmask_byte(PCI_CACHE_LINE_SIZE, 0xFF)
         cs.set_wmask_byte(PCI_INTERRUPT_LINE, 0xFF)  # the latency timer stays 0, as QEMU's PCI core has it
         cs.add_write_hook(PCI_COMMAND, 2, self._command_written)
+        cs.add_write_hook(PCI_BASE_ADDRESS_0, 24, self._decode)
 
     def add_bar(self, index: int, bar: Bar) -> Bar:
         """Declare BAR ``index`` (0-5) and program its register; returns ``bar``.
@@ -294,9 +226,8 @@ class PciDevice(DeviceIo):
             raise BarError(f"BAR register(s) {sorted(taken & wanted)} already used")
         if bar.device is not None:
             raise BarError(f"{bar!r} already belongs to a device")
-        bar.index, bar.device = index, self
+        bar.index, bar.device, bar._io = index, self, self.io
         self.bars[index] = bar
-        self._routes = None
         reg = PCI_BASE_ADDRESS_0 + 4 * index
         value, mask = bar.type_bits(), bar.address_mask()
         self.config.set_dword(reg, value)
@@ -312,11 +243,8 @@ class PciDevice(DeviceIo):
             raise BarError("the ROM can be set once, before the device is served")
         rom.index, rom.device = ROM_REGION, self
         self.rom = rom
-        self._routes = None
         self.config.set_dword(PCI_ROM_ADDRESS, 0)
         self.config.set_wmask_dword(PCI_ROM_ADDRESS, rom.address_mask())
-        with self.io.transaction() as tx:
-            self.io.register_device_io(tx, _RomHandler(rom), [rom.resource(0, rom.size)])
         return rom
 
     def add_msi(self, vectors: int = 1, *, addr64: bool = True, per_vector_mask: bool = False,
@@ -355,30 +283,29 @@ class PciDevice(DeviceIo):
     def realize(self) -> None:
         """Freeze the layout: the current config space becomes the reset state.
 
-        Backends call this once before serving; it is idempotent.
+        Called when the :attr:`port` is first asked for; idempotent.
         """
         if not self._realized:
             self.config.freeze_defaults()
             self._realized = True
 
+    #: The class of :attr:`port` (``None``: :class:`~vfiouser.devices.pci.port.PciPort`); a
+    #: subclass of it can watch or change every access a backend makes.
+    port_class: type | None = None
+
+    @property
+    def port(self):
+        """The device port (:class:`~vfiouser.devices.pci.port.PciPort`): what a backend serves.
+        The first use realizes the device (its layout is frozen from then on)."""
+        if self._port is None:
+            from .port import PciPort
+
+            self._port = (self.port_class or PciPort)(self)
+        return self._port
+
     # -- regions ----------------------------------------------------------------
 
-    def region_window(self, index: int) -> int:
-        """Where region ``index`` lives in the device's IoManager.
-
-        I/O BARs: port ``index * 0x100`` on the PIO bus. Memory BARs, the ROM
-        and config space: ``index << 40`` on the MMIO bus. A handler mapped at
-        BAR offset ``o`` gets ``base = window + o`` and offsets relative to that.
-        """
-        return self._region_bus_window(index)[0]
-
-    def _region_bus_window(self, index: int) -> tuple[int, bool]:
-        bar = self.bars.get(index)
-        if bar is not None and bar.is_io:
-            return index * PIO_WINDOW_SIZE, True
-        return index << MMIO_WINDOW_SHIFT, False
-
-    def regions(self) -> list[Region]:
+    def regions(self) -> tuple[RegionInfo, ...]:
         """All ``NUM_REGIONS`` regions, VFIO-numbered, absent ones with size 0."""
         out = []
         for index in range(NUM_REGIONS):
@@ -387,87 +314,96 @@ class PciDevice(DeviceIo):
                 kind = RegionKind.IO if bar.is_io else RegionKind.MEMORY
                 shared = getattr(bar, "shared", None)
                 if shared is not None:
-                    out.append(Region(index, bar.size, kind, True, True, tuple(bar.shared_areas), shared.fd))
+                    out.append(RegionInfo(index, bar.size, kind, True, True, tuple(bar.shared_areas), shared.fd))
                 else:
-                    out.append(Region(index, bar.size, kind, True, True))
+                    out.append(RegionInfo(index, bar.size, kind, True, True))
             elif index == ROM_REGION and self.rom is not None:
-                out.append(Region(index, self.rom.size, RegionKind.ROM, True, False))
+                out.append(RegionInfo(index, self.rom.size, RegionKind.ROM, True, False))
             elif index == CONFIG_REGION:
-                out.append(Region(index, self.config_size, RegionKind.CONFIG, True, True))
+                out.append(RegionInfo(index, self.config_size, RegionKind.CONFIG, True, True))
             else:
-                out.append(Region(index, 0, RegionKind.ABSENT, False, False))
-        return out
+                out.append(RegionInfo(index, 0, RegionKind.ABSENT, False, False))
+        return tuple(out)
 
-    def region_size(self, index: int) -> int:
-        """Size of region ``index`` (0 if absent)."""
-        if index == CONFIG_REGION:
-            return self.config_size
-        if index == ROM_REGION:
-            return self.rom.size if self.rom is not None else 0
-        bar = self.bars.get(index)
-        return bar.size if bar is not None else 0
+    # -- decoding: where the guest put the BARs ---------------------------------
 
-    def _check_access(self, index: int, offset: int, size: int) -> None:
-        limit = self.region_size(index) if 0 <= index < NUM_REGIONS else 0
-        if size <= 0 or offset < 0 or offset + size > limit:
-            raise RegionAccessError(f"region {index}: [{offset:#x}, +{size:#x}) outside its {limit:#x} bytes")
+    def bar_address(self, bar: Bar) -> int | None:
+        """The guest address ``bar`` decodes at under the current config space, or None.
 
-    def _routes_table(self) -> tuple[tuple[int, int, bool], ...]:
-        """``(size, window, is_io)`` of every region: what an access needs, looked up once."""
-        self._routes = tuple((self.region_size(i), *self._region_bus_window(i)) for i in range(NUM_REGIONS))
-        return self._routes
-
-    def region_read(self, index: int, offset: int, data: bytearray | memoryview) -> None:
-        """A read of region ``index`` at ``offset`` into ``data``, through the IoManager.
-
-        Unclaimed offsets read as all-ones (logged, never fatal).
+        The rules of QEMU's PCI core (``pci_bar_address``): I/O or memory decoding
+        must be on in the command register; address 0 and a range that wraps (or, for
+        a 32-bit BAR, crosses 4 GiB) are not decoded; an I/O BAR must lie in the
+        64 KiB port space.
         """
-        size = len(data)
-        if 0 <= index < NUM_REGIONS:
-            limit, window, is_io = (self._routes or self._routes_table())[index]
-            if size > 0 and offset >= 0 and offset + size <= limit:
-                mgr = self.io.current
-                with self.lock:
-                    try:
-                        if is_io:
-                            mgr.pio_read(window + offset, data)
-                        else:
-                            mgr.mmio_read(window + offset, data)
-                    except NoDevice as exc:
-                        data[:] = b"\xff" * size
-                        self._unclaimed(index, offset, size, "read", exc)
-                return
-        self._check_access(index, offset, size)  # raises RegionAccessError
+        return self._decodable_address(bar, self.config.get_word(PCI_COMMAND))
 
-    def region_write(self, index: int, offset: int, data: bytes | memoryview) -> None:
-        """A write of ``data`` to region ``index`` at ``offset``, through the IoManager.
+    def _decodable_address(self, bar: Bar, command: int) -> int | None:
+        reg = PCI_BASE_ADDRESS_0 + 4 * bar.index
+        if bar.is_io:
+            if not command & PCI_COMMAND_IO:
+                return None
+            addr = self.config.get_dword(reg) & PCI_BASE_ADDRESS_IO_MASK
+            last_allowed = _IO_SPACE_END - 1
+        else:
+            if not command & PCI_COMMAND_MEMORY:
+                return None
+            addr = self.config.get_dword(reg) & PCI_BASE_ADDRESS_MEM_MASK
+            if bar.slots == 2:
+                addr |= self.config.get_dword(reg + 4) << 32
+            # QEMU takes an all-ones last address for "unmapped", and a 32-bit BAR must end below 4 GiB.
+            last_allowed = (1 << (64 if bar.slots == 2 else 32)) - 2
+        addr &= ~(bar.size - 1)
+        if addr == 0 or addr + bar.size - 1 > last_allowed:
+            return None
+        return addr
 
-        Writes to unclaimed offsets are dropped (logged, never fatal).
-        """
-        size = len(data)
-        if 0 <= index < NUM_REGIONS:
-            limit, window, is_io = (self._routes or self._routes_table())[index]
-            if size > 0 and offset >= 0 and offset + size <= limit:
-                if index == ROM_REGION:
-                    return
-                mgr = self.io.current
-                with self.lock:
-                    try:
-                        if is_io:
-                            mgr.pio_write(window + offset, data)
-                        else:
-                            mgr.mmio_write(window + offset, data)
-                    except NoDevice as exc:
-                        self._unclaimed(index, offset, size, "write", exc)
-                return
-        self._check_access(index, offset, size)  # raises RegionAccessError
+    def _decode(self, offset: int = 0, size: int = 0) -> None:
+        """Bring the IoManager in line with the BAR registers and the command register's
+        decode bits, in one transaction (a write hook of both; called with the lock held)."""
+        moved = [(bar, new) for bar in self.bars.values() if (new := self.bar_address(bar)) != bar.address]
+        if not moved:
+            return
+        with self.io.transaction() as tx:
+            for bar, _ in moved:
+                bar.unregister(self.io, tx)
+            for bar, new in moved:
+                if new is None:
+                    continue
+                try:
+                    bar.register_at(self.io, tx, new)
+                except DeviceOverlap as exc:  # two BARs programmed over each other: the later loses
+                    self.log.warning("BAR%d at %#x overlaps another BAR of the device; not decoded (%s)",
+                                     bar.index, new, exc)
+        for bar, _ in moved:
+            where = f"{bar.address:#x}" if bar.address is not None else "nowhere (not decoded)"
+            self.log.debug("BAR%d now at %s", bar.index, where)
+
+    def _master_abort(self, bar: Bar, offset: int, size: int, op: str) -> None:
+        """An access to a BAR that is not decoded: what a bus does without a target."""
+        reasons = []
+        if not self.config.get_word(PCI_COMMAND) & (PCI_COMMAND_IO if bar.is_io else PCI_COMMAND_MEMORY):
+            reasons.append(("I/O" if bar.is_io else "memory") + " decoding is off in the command register")
+        with_decoding = self.config.get_word(PCI_COMMAND) | PCI_COMMAND_IO | PCI_COMMAND_MEMORY
+        if self._decodable_address(bar, with_decoding) is None:
+            reasons.append("its address is not programmed, or not one the bus decodes")
+        why = " and ".join(reasons) or "it overlaps another BAR"
+        what = "reads as all-ones" if op == "read" else "is dropped"
+        self._warn_once(("abort", bar.index, op), "%d-byte %s of BAR%d at %#x %s: BAR%d is not decoded, %s",
+                        size, op, bar.index, offset, what, bar.index, why)
 
     def _unclaimed(self, index: int, offset: int, size: int, op: str, exc: NoDevice) -> None:
-        key = (index, offset, size, op)
-        level = logging.DEBUG if key in self._unclaimed_seen else logging.WARNING
-        self._unclaimed_seen.add(key)
         what = "read as all-ones" if op == "read" else "dropped"
-        self.log.log(level, "unclaimed %d-byte %s of region %d at %#x %s (%s)", size, op, index, offset, what, exc)
+        self._warn_once((index, offset, size, op), "unclaimed %d-byte %s of region %d at %#x %s (%s)",
+                        size, op, index, offset, what, exc)
+
+    def _warn_once(self, key: tuple, message: str, *args) -> None:
+        """Log at WARNING the first time ``key`` is seen (for a bounded number of keys), else DEBUG."""
+        seen = self._unclaimed_seen
+        if key in seen or len(seen) >= _UNCLAIMED_MEMORY:
+            self.log.debug(message, *args)
+        else:
+            seen.add(key)
+            self.log.warning(message, *args)
 
     # -- config space hooks (override for device-specific registers) -------------
 
@@ -485,16 +421,9 @@ class PciDevice(DeviceIo):
 
     def _command_written(self, offset: int, size: int) -> None:
         self._update_intx()
+        self._decode()
 
     # -- interrupts -------------------------------------------------------------
-
-    def attach(self, backend: DeviceBackend | InterruptSink | None) -> None:
-        """Route interrupts (and DMA, if it offers it) to ``backend``; ``None``: nowhere. Backends call this."""
-        with self.lock:
-            self._sink = backend
-            self.dma.backend = backend if backend is not None and hasattr(backend, "dma_read") else NO_BACKEND
-            if backend is not None and self._intx_effective:
-                backend.intx(True)
 
     def defer(self, fn, *args, delay: float = 0.0) -> None:
         """Run ``fn(*args)`` on the device's worker thread once the current request is answered.
@@ -522,7 +451,7 @@ class PciDevice(DeviceIo):
     def set_intx(self, level: bool) -> None:
         """Drive the INTx pin to ``level``; mirrored in the status register's interrupt bit."""
         if not self.interrupt_pin:
-            raise RuntimeError(f"{type(self).__name__} has no interrupt pin")
+            raise DeviceUsageError(f"{type(self).__name__} has no interrupt pin")
         with self.lock:
             self._intx_level = bool(level)
             self.config.set_bits_word(PCI_STATUS, PCI_STATUS_INTERRUPT, self._intx_level)
@@ -539,32 +468,24 @@ class PciDevice(DeviceIo):
     def fire_msi(self, vector: int = 0) -> None:
         """Send MSI ``vector`` (held pending while masked, dropped while MSI is disabled)."""
         if self.msi is None:
-            raise RuntimeError(f"{type(self).__name__} has no MSI capability")
+            raise DeviceUsageError(f"{type(self).__name__} has no MSI capability")
         with self.lock:
             self.msi.fire(vector)
 
     def fire_msix(self, vector: int) -> None:
         """Send MSI-X ``vector`` (held in the PBA while it cannot be sent, dropped while MSI-X is disabled)."""
         if self.msix is None:
-            raise RuntimeError(f"{type(self).__name__} has no MSI-X capability")
+            raise DeviceUsageError(f"{type(self).__name__} has no MSI-X capability")
         with self.lock:
             self.msix.fire(vector)
 
-    def retry_interrupts(self) -> None:
-        """Send held MSI/MSI-X vectors that can go now. Backends call this when routes change."""
+    def _deliver_pending(self) -> None:
+        """Send held MSI/MSI-X vectors that can go now (interrupt routes changed)."""
         with self.lock:
             if self.msi is not None:
                 self.msi.deliver_pending()
             if self.msix is not None:
                 self.msix.deliver_pending()
-
-    def _send_msi(self, vector: int) -> bool:
-        sink = self._sink
-        return bool(sink is not None and hasattr(sink, "msi") and sink.msi(vector))
-
-    def _send_msix(self, vector: int) -> bool:
-        sink = self._sink
-        return bool(sink is not None and hasattr(sink, "msix") and sink.msix(vector))
 
     def _irq_mode_changed(self) -> None:
         """MSI or MSI-X was switched on or off: enabling either drops INTx."""
@@ -579,8 +500,7 @@ class PciDevice(DeviceIo):
         effective = self._intx_level and not disabled
         if effective != self._intx_effective:
             self._intx_effective = effective
-            if self._sink is not None:
-                self._sink.intx(effective)
+            self._sink.intx(effective)
 
     def intx_pending(self) -> bool:
         """Whether INTx is asserted and not disabled (what the interrupt controller sees)."""
@@ -588,27 +508,59 @@ class PciDevice(DeviceIo):
 
     # -- reset ------------------------------------------------------------------
 
-    def device_reset(self) -> None:
-        """Function-level reset, as a backend delivers it: deferred work not yet
-        started is dropped (see :attr:`reset_cancels_deferred`), config space goes
-        back to its reset state (MSI and MSI-X disabled, nothing pending), INTx is
-        deasserted, then the model's :meth:`reset` runs."""
+    def _reset(self, reason: ResetReason) -> None:
+        """Reset as a backend delivers it (through the port). A warm reset drops deferred
+        work not yet started (see :attr:`reset_cancels_deferred`); a power cycle drops
+        all of it and waits (up to :data:`COLD_RESET_WAIT`) for a task that is running.
+        Then config space goes back to its reset state (sticky bits too, on a power
+        cycle), MSI and MSI-X are disabled with nothing pending, INTx is deasserted,
+        the BARs stop decoding, and the model's :meth:`reset` runs."""
+        kind = self.reset_type(reason)
+        cold = kind is ResetType.COLD
+        if cold or self.reset_cancels_deferred:
+            dropped = self.worker.cancel_pending()
+            if dropped:
+                self.log.debug("reset (%s) dropped %d deferred task(s)", reason.value, dropped)
+        if cold and not self.worker.wait_running(COLD_RESET_WAIT):
+            self.log.warning("a deferred task is still running after %.0f s; resetting (%s) anyway",
+                             COLD_RESET_WAIT, reason.value)
         with self.lock:
-            if self.reset_cancels_deferred:
-                dropped = self.worker.cancel_pending()
-                if dropped:
-                    self.log.debug("reset dropped %d deferred task(s)", dropped)
-            self.config.reset()
+            self.config.reset(cold=cold)
             if self.msi is not None:
                 self.msi.reset()
             if self.msix is not None:
                 self.msix.reset()
             self._intx_level = False
             self._update_intx()
-            self.reset()
+            self._decode()
+            if self._reset_takes_kind():
+                self.reset(kind)
+            else:
+                self.reset()
 
-    def reset(self) -> None:
-        """Model hook: put device registers back to their reset values. Default: nothing."""
+    def reset_type(self, reason: ResetReason) -> ResetType:
+        """What a reset for ``reason`` does to this device: a client's request is warm, a
+        power-on cold, and a lost client cold unless :attr:`power_cycle_on_disconnect` is off."""
+        if reason is ResetReason.POWER_ON or (reason is ResetReason.CLIENT_LOST and self.power_cycle_on_disconnect):
+            return ResetType.COLD
+        return ResetType.WARM
+
+    def _reset_takes_kind(self) -> bool:
+        try:
+            return len(inspect.signature(self.reset).parameters) > 0
+        except (TypeError, ValueError):
+            return True
+
+    def reset(self, kind: ResetType) -> None:
+        """Model hook: put device registers back to their reset values.
+
+        ``kind`` (:class:`~vfiouser.devices.port.ResetType`) is ``WARM`` for a
+        function-level reset (the client's DEVICE_RESET: a guest reboot) and
+        ``COLD`` for a power cycle (a new client), after which nothing the guest
+        did may show. A model whose registers reset the same way either time can
+        ignore it; one written as ``def reset(self)`` is called without it.
+        Default: nothing.
+        """
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.vendor_id:04x}:{self.device_id:04x}>"

@@ -7,17 +7,21 @@ A model reaches guest memory through ``self.dma`` (a :class:`Dma`)::
     chunks = self.dma.read_sg([(a1, n1), (a2, n2)])   # scatter-gather
     data = self.dma.read_available(addr, n)   # like a bus: unmapped bytes read 0
 
-The backend decides how: with the vfio-user server, guest RAM shared through a
-memory fd is accessed in place (mmap), other RAM through DMA_READ/DMA_WRITE
-messages to QEMU. The model does not see the difference, except for one rule:
+The backend decides how (:class:`~vfiouser.devices.port.DmaBackend`): with the
+vfio-user server, guest RAM shared through a memory fd is accessed *in place*
+(mmap), other RAM through DMA_READ/DMA_WRITE messages to QEMU. The model does
+not see the difference, except for one rule:
 
-**Do DMA from deferred work, never from a register handler.** A handler runs
-while QEMU may be waiting for its reply, and QEMU cannot answer a DMA message
-until then. :meth:`vfiouser.devices.pci.PciDevice.defer` runs a function after the
-current request is answered, on the device's worker thread, without the
-device lock; take ``self.lock`` around register state, not around DMA.
-A DMA call made from a handler or with the device lock held raises
-:class:`DmaWouldDeadlock` instead of hanging.
+**DMA that needs the client must not come from a register handler.** A handler
+runs while QEMU waits for its reply, and QEMU cannot answer a DMA message until
+then. :meth:`vfiouser.devices.pci.PciDevice.defer` runs a function after the
+current request is answered, on the device's worker thread, without the device
+lock; take ``self.lock`` around register state, not around DMA. A transfer that
+would need a message, made from a handler or with the device lock held, raises
+:class:`DmaWouldDeadlock` before a byte moves instead of hanging. In-place
+memory has no such limit: :meth:`Dma.in_place` tells whether a range is, so a
+handler may do a short transfer itself when it can and defer it when it
+cannot. Deferring always works; models that must run with any client defer.
 
 Failures are exceptions the model can handle (the device, not the server,
 decides what a bad address means: an error bit, an error interrupt, ...):
@@ -35,11 +39,12 @@ decides what a bad address means: an error bit, an error interrupt, ...):
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+
+from vfiouser.devices.errors import DeviceError, DeviceUsageError
+from vfiouser.devices.port import DmaBackend
 
 __all__ = [
     "Dma",
-    "DmaBackend",
     "DmaError",
     "DmaUnmapped",
     "DmaPermissionError",
@@ -50,7 +55,7 @@ __all__ = [
 ]
 
 
-class DmaError(Exception):
+class DmaError(DeviceError):
     """Base class of DMA failures. ``addr`` and ``size`` give the failed range."""
 
     def __init__(self, message: str, addr: int = 0, size: int = 0) -> None:
@@ -82,28 +87,20 @@ class DmaWouldDeadlock(DmaError):
     """DMA was attempted where waiting for the client could deadlock (in a handler, or holding the device lock)."""
 
 
-class DmaBackend(Protocol):
-    """What a backend provides for DMA (the vfio-user server implements it)."""
+class _NoBackend(DmaBackend):
+    """No client: there is no guest memory."""
 
-    def dma_read(self, addr: int, size: int) -> bytes:
-        """Guest memory ``[addr, addr+size)``; raises :class:`DmaError`."""
-
-    def dma_write(self, addr: int, data: bytes) -> None:
-        """Write ``data`` to guest memory at ``addr``; raises :class:`DmaError`."""
-
-    def dma_mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
-        """The parts of ``[addr, addr+size)`` the client mapped with that permission."""
-
-
-class _NoBackend:
-    def dma_read(self, addr: int, size: int) -> bytes:
+    def read(self, addr: int, size: int, *, may_wait: bool) -> bytes:
         raise DmaUnavailable("no client is connected", addr, size)
 
-    def dma_write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes, *, may_wait: bool) -> None:
         raise DmaUnavailable("no client is connected", addr, len(data))
 
-    def dma_mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
+    def mapped(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
         raise DmaUnavailable("no client is connected", addr, size)
+
+    def in_place(self, addr: int, size: int, write: bool) -> bool:
+        return False
 
 
 NO_BACKEND = _NoBackend()
@@ -114,16 +111,24 @@ class Dma:
 
     def __init__(self, device) -> None:
         self._device = device
+        #: Set by the device port while a client is attached.
         self.backend: DmaBackend = NO_BACKEND
 
-    def _check_context(self, addr: int, size: int) -> None:
-        lock = self._device.lock  # a programming error first: it must not hide behind a device state
-        if getattr(lock, "_is_owned", lambda: False)():
-            raise DmaWouldDeadlock(
-                "DMA while holding the device lock; do DMA in deferred work with the lock released", addr, size
-            )
-        if not self._device.bus_master_enabled():
+    def _may_wait(self, addr: int, size: int) -> bool:
+        """Whether this thread may wait for the client (not in a handler, not holding the
+        device lock); raises :class:`DmaUnavailable` without a client and
+        :class:`DmaBusMasterDisabled` when bus mastering is off."""
+        if self.backend is NO_BACKEND:
+            raise DmaUnavailable("no client is connected", addr, size)
+        device = self._device
+        if not device.bus_master_enabled():
             raise DmaBusMasterDisabled("bus mastering is disabled (command register bit 2)", addr, size)
+        return not (device.lock._is_owned() or device.worker.held_here())
+
+    def in_place(self, addr: int, size: int, write: bool = False) -> bool:
+        """Whether ``[addr, addr+size)`` is reachable without a message to the client (so a
+        register handler may move it itself); False while no client is attached."""
+        return self.backend.in_place(addr, size, write)
 
     def read(self, addr: int, size: int) -> bytes:
         """Read ``size`` bytes of guest memory at ``addr``."""
@@ -131,8 +136,7 @@ class Dma:
             raise DmaUnmapped(f"invalid DMA range [{addr:#x}, +{size:#x})", addr, size)
         if size == 0:
             return b""
-        self._check_context(addr, size)
-        return self.backend.dma_read(addr, size)
+        return self.backend.read(addr, size, may_wait=self._may_wait(addr, size))
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` to guest memory at ``addr``."""
@@ -141,8 +145,7 @@ class Dma:
             raise DmaUnmapped(f"invalid DMA address {addr:#x}", addr, len(data))
         if not data:
             return
-        self._check_context(addr, len(data))
-        self.backend.dma_write(addr, data)
+        self.backend.write(addr, data, may_wait=self._may_wait(addr, len(data)))
 
     def read_sg(self, segments: Iterable[tuple[int, int]]) -> bytes:
         """Read a scatter-gather list of ``(addr, size)`` segments, concatenated."""
@@ -153,7 +156,7 @@ class Dma:
         data = memoryview(bytes(data))
         total = sum(size for _, size in segments)
         if total != len(data):
-            raise ValueError(f"segments cover {total} bytes, data has {len(data)}")
+            raise DeviceUsageError(f"segments cover {total} bytes, data has {len(data)}")
         pos = 0
         for addr, size in segments:
             self.write(addr, data[pos : pos + size])
@@ -165,20 +168,20 @@ class Dma:
         """Read like a bus: the parts of the range that are mapped for reading are read, the rest
         reads as zeros (what QEMU's own devices get from ``pci_dma_read``). Errors other than
         unmapped or read-protected memory are still raised."""
-        self._check_context(addr, size)
+        may_wait = self._may_wait(addr, size)
         out = bytearray(size)
-        for start, length in self.backend.dma_mapped(addr, size, False):
-            out[start - addr : start - addr + length] = self.backend.dma_read(start, length)
+        for start, length in self.backend.mapped(addr, size, False):
+            out[start - addr : start - addr + length] = self.backend.read(start, length, may_wait=may_wait)
         return bytes(out)
 
     def write_available(self, addr: int, data: bytes | bytearray | memoryview) -> int:
         """Write like a bus: the parts of the range mapped for writing are written, the rest is
         dropped (QEMU's ``pci_dma_write``). Returns the number of bytes written."""
         data = bytes(data)
-        self._check_context(addr, len(data))
+        may_wait = self._may_wait(addr, len(data))
         written = 0
-        for start, length in self.backend.dma_mapped(addr, len(data), True):
-            self.backend.dma_write(start, data[start - addr : start - addr + length])
+        for start, length in self.backend.mapped(addr, len(data), True):
+            self.backend.write(start, data[start - addr : start - addr + length], may_wait=may_wait)
             written += length
         return written
 

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 from vfiouser.iomgr import DeviceIo
 
+from vfiouser.devices.errors import DeviceUsageError
+
 from .config import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, ConfigSpaceError
 
 if TYPE_CHECKING:
@@ -170,14 +172,14 @@ class MsiCapability:
     def fire(self, vector: int) -> None:
         """Signal ``vector`` (held pending while masked; dropped while disabled or without bus mastering)."""
         if not 0 <= vector < self.vectors:
-            raise ValueError(f"MSI vector {vector} out of range (0-{self.vectors - 1})")
+            raise DeviceUsageError(f"MSI vector {vector} out of range (0-{self.vectors - 1})")
         if not self.enabled or vector >= self.enabled_vectors:
             log.debug("MSI vector %d dropped: MSI disabled or vector not enabled", vector)
             return
         if not self.device.bus_master_enabled():
             log.debug("MSI vector %d dropped: bus mastering is off", vector)
             return
-        if self.masked(vector) or not self.device._send_msi(vector):
+        if self.masked(vector) or not self.device._sink.msi(vector):
             self._set_pending(vector, True)
             self._held |= 1 << vector
 
@@ -188,7 +190,7 @@ class MsiCapability:
             return
         for vector in range(self.vectors):
             if held >> vector & 1 and vector < self.enabled_vectors and not self.masked(vector):
-                if self.device.bus_master_enabled() and self.device._send_msi(vector):
+                if self.device.bus_master_enabled() and self.device._sink.msi(vector):
                     held &= ~(1 << vector)
                     self._set_pending(vector, False)
         self._held = held
@@ -301,14 +303,14 @@ class MsixCapability:
         """Signal ``vector``; held in the PBA while it cannot be sent (function masked, no route
         yet); dropped while MSI-X is disabled or bus mastering is off, as QEMU's devices do."""
         if not 0 <= vector < self.vectors:
-            raise ValueError(f"MSI-X vector {vector} out of range (0-{self.vectors - 1})")
+            raise DeviceUsageError(f"MSI-X vector {vector} out of range (0-{self.vectors - 1})")
         if not self.enabled:
             log.debug("MSI-X vector %d dropped: MSI-X disabled", vector)
             return
         if not self.device.bus_master_enabled():
             log.debug("MSI-X vector %d dropped: bus mastering is off", vector)
             return
-        if self.function_masked or not self.device._send_msix(vector):
+        if self.function_masked or not self.device._sink.msix(vector):
             self.pending_bits |= 1 << vector
 
     def deliver_pending(self) -> None:
@@ -316,7 +318,7 @@ class MsixCapability:
         if not self.pending_bits or not self.enabled or self.function_masked or not self.device.bus_master_enabled():
             return
         for vector in range(self.vectors):
-            if self.pending_bits >> vector & 1 and self.device._send_msix(vector):
+            if self.pending_bits >> vector & 1 and self.device._sink.msix(vector):
                 self.pending_bits &= ~(1 << vector)
 
     def reset(self) -> None:

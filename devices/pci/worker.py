@@ -21,6 +21,8 @@ import logging
 import threading
 import time
 
+from vfiouser.devices.errors import DeviceError
+
 __all__ = ["DeviceWorker"]
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,13 @@ class DeviceWorker:
         """
         me = threading.get_ident()
         if self._gate and self._holder != me:
-            raise RuntimeError(f"worker {self.name} is held by another thread")
+            raise DeviceError(f"worker {self.name} is held by another thread")
         self._holder = me
         self._gate += 1
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the worker (it is serving a batch of requests)."""
+        return bool(self._gate) and self._holder == threading.get_ident()
 
     def release(self) -> None:
         """Let the tasks submitted since :meth:`hold` run (takes the lock only if some were)."""
@@ -125,6 +131,20 @@ class DeviceWorker:
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 0.05))
+            return True
+
+    def wait_running(self, timeout: float) -> bool:
+        """Wait until no task is running (queued ones do not count); True if none is. From
+        the worker thread itself (a task waiting for itself) it returns False at once."""
+        if threading.current_thread() is self._thread:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
             return True
 
     def cancel_pending(self) -> int:

@@ -207,8 +207,8 @@ class VirtioPciDevice(PciDevice):
         if self.interrupt_pin and self.intx_level:
             self.lower_intx()
 
-    def reset(self) -> None:
-        """A function-level reset is a virtio reset."""
+    def reset(self, kind) -> None:
+        """A function-level reset (or a power cycle) is a virtio reset."""
         self._virtio_reset()
 
     @property
@@ -349,7 +349,7 @@ class VirtioPciDevice(PciDevice):
         bar, off, length = self._cfg_window()
         if length in (1, 2, 4) and bar in self.bars:
             data = bytes(self.config.data[self._pci_cfg_cap + 16 : self._pci_cfg_cap + 16 + length])
-            self.region_write(bar, off, data)
+            self.bars[bar].local_write(off, data)
 
     def config_read(self, offset: int, data) -> None:
         window = self._pci_cfg_cap + 16
@@ -357,7 +357,7 @@ class VirtioPciDevice(PciDevice):
             bar, off, length = self._cfg_window()
             if length in (1, 2, 4) and bar in self.bars:
                 value = bytearray(length)
-                self.region_read(bar, off, value)
+                self.bars[bar].local_read(off, value)
                 self.config.data[window : window + length] = value
         super().config_read(offset, data)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from vfiouser.devices.errors import DefinitionError, DeviceError
+
 __all__ = ["SplitQueue", "Chain", "VirtqueueError"]
 
 VRING_DESC_F_NEXT = 1
@@ -33,7 +35,7 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 
-class VirtqueueError(Exception):
+class VirtqueueError(DeviceError):
     """The driver put something impossible in the queue (a loop, an index out of range)."""
 
 
@@ -55,7 +57,7 @@ class SplitQueue:
 
     def __init__(self, device, index: int, max_size: int) -> None:
         if max_size < 1 or max_size > 32768 or max_size & (max_size - 1):
-            raise ValueError(f"a queue size is a power of two up to 32768, not {max_size}")
+            raise DefinitionError(f"a queue size is a power of two up to 32768, not {max_size}")
         self.device = device
         self.index = index
         self.max_size = max_size

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from vfiouser.devices.port import ResetType
+
 from .pci import VirtioPciDevice
 
 __all__ = ["VirtioRng", "EntropySource", "entropy_stream"]
@@ -60,6 +62,12 @@ class VirtioRng(VirtioPciDevice):
         self.source = EntropySource(seed)
         #: Bytes handed to the guest so far.
         self.produced = 0
+
+    def reset(self, kind: ResetType) -> None:
+        """A virtio reset; a power cycle (a new VM) also starts a seeded stream over."""
+        super().reset(kind)
+        if kind is ResetType.COLD:
+            self.source.position = 0
 
     def queue_kick(self, queue) -> None:
         served = 0

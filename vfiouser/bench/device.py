@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 
-from vfiouser.devices.pci import IoBar, MemoryBar, PciDevice
+from vfiouser.devices.pci import IoBar, MemoryBar, PciDevice, PciPort
 from vfiouser.iomgr import DeviceIo
 
 __all__ = ["BenchDevice", "STALL_MS", "BURST_BYTES",
@@ -92,6 +92,18 @@ class BurstSink(DeviceIo):
         self.last_write = now
 
 
+class CountingPort(PciPort):
+    """The device port, counting region accesses per region index."""
+
+    def region_read(self, index, offset, data):
+        self.device.region_accesses[index] += 1
+        super().region_read(index, offset, data)
+
+    def region_write(self, index, offset, data):
+        self.device.region_accesses[index] += 1
+        super().region_write(index, offset, data)
+
+
 class BenchDevice(PciDevice):
     """See the module docstring. ``mmap``: add the shared BAR2."""
 
@@ -111,10 +123,4 @@ class BenchDevice(PciDevice):
             self.shared = self.add_bar(SHARED_BAR, MemoryBar(0x1000)).share(0, None)
         self.add_bar(BURST_BAR, MemoryBar(BURST_BAR_SIZE)).map(self.burst)
 
-    def region_read(self, index, offset, data):
-        self.region_accesses[index] += 1
-        super().region_read(index, offset, data)
-
-    def region_write(self, index, offset, data):
-        self.region_accesses[index] += 1
-        super().region_write(index, offset, data)
+    port_class = CountingPort

@@ -116,7 +116,7 @@ def _mode(memfd: bool, sizes, min_reps: int, min_seconds: float, server_cpus) ->
             vm.pci_cfg_write(4, 0x04, 0x0006, 2)  # memory decoding + bus master
             for size in sizes:
                 rows.append(_measure_size(vm, dev, size, memfd, min_reps, min_seconds, server_cpus))
-            maps = list(server.session.dma) if server.session is not None else []
+            maps = list(server.session.dma_maps) if server.session is not None else []
             fd_backed = any(r.mem is not None for r in maps)
             if fd_backed != memfd:
                 raise DmaCheckFailed(f"expected {'fd-backed' if memfd else 'message-only'} guest RAM maps")

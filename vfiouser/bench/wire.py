@@ -3,8 +3,8 @@
 * **Server processing**, in process, no socket in the timed path: frames are
   handed straight to :class:`vfiouser.session.Session`'s dispatcher (the seam
   between the transport and the session; replies pile up in the session's
-  outgoing list, which is cleared untimed). The device model alone
-  (``PciDevice.region_read``) is timed too, to split the cost between the
+  outbox, which is cleared untimed). The device port alone
+  (``port.region_read``) is timed too, to split the cost between the
   protocol layer and the PCI framework. A second figure goes through
   ``Session.on_readable`` with a burst of requests already waiting on the
   socket: framing, dispatch and the batched reply ``sendmsg`` together.
@@ -28,8 +28,9 @@ import socket
 import tempfile
 import time
 
+from vfiouser.devices.pci.firmware import bring_up
+
 from ..client import DEFAULT_CLIENT_CAPS, Client
-from ..endpoint import DeviceEndpoint
 from ..protocol import HEADER, HEADER_SIZE, REGION_ACCESS, Command, Layout, MsgFlags, MsgType, Version
 from ..session import Session
 from ..transport import Frame
@@ -70,28 +71,30 @@ def _frame(msg: bytes) -> Frame:
 
 
 class SeamMissing(RuntimeError):
-    """The session no longer has the private dispatcher this bench times (see the module docstring)."""
+    """The session no longer has the dispatcher this bench times (see the module docstring)."""
 
 
 class _InProcessSession:
     """A session on one end of a socketpair, negotiated, for timing its dispatcher."""
 
     def __init__(self) -> None:
-        if not callable(getattr(Session, "_dispatch", None)):
-            raise SeamMissing("vfiouser.session.Session._dispatch(frame) is gone; the in-process timing needs a "
-                              "way to hand the session one frame")
         self.device = BenchDevice()
-        self.endpoint = DeviceEndpoint(self.device)
+        self.port = self.device.port
+        bring_up(self.port)
         self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.session = Session(self.sock, self.endpoint, name="bench")
+        self.session = Session(self.sock, self.port, name="bench")
+        dispatcher = getattr(self.session, "dispatcher", None)
+        if not callable(getattr(dispatcher, "dispatch", None)):
+            raise SeamMissing("Session.dispatcher.dispatch(frame) is gone; the in-process timing needs a "
+                              "way to hand the session one frame")
         version = Version.build(dict(major=0, minor=0, json=json.dumps(DEFAULT_CLIENT_CAPS)))
-        self.session._dispatch(_frame(HEADER.pack(0, Command.VERSION, HEADER_SIZE + len(version), 0, 0) + version))
-        self.session._out.clear()
+        dispatcher.dispatch(_frame(HEADER.pack(0, Command.VERSION, HEADER_SIZE + len(version), 0, 0) + version))
+        self.session.outbox.queue.clear()
 
     def time_dispatch(self, msg: bytes, count: int) -> float:
         """Mean µs per dispatch of ``msg`` over ``count`` dispatches (replies dropped untimed)."""
         frame = _frame(msg)
-        dispatch, out = self.session._dispatch, self.session._out
+        dispatch, out = self.session.dispatcher.dispatch, self.session.outbox.queue
         clock = time.perf_counter_ns
         total = 0
         done = 0
@@ -121,9 +124,9 @@ class _InProcessSession:
         return total / (batch * batches) / 1000.0
 
     def time_model(self, count: int) -> float:
-        """Mean µs per ``PciDevice.region_read`` of 4 bytes (no protocol at all)."""
+        """Mean µs per ``port.region_read`` of 4 bytes (the device port: no protocol at all)."""
         buf = bytearray(4)
-        read = self.device.region_read
+        read = self.port.region_read
         t0 = time.perf_counter_ns()
         for _ in range(count):
             read(0, OFFSET, buf)
@@ -181,6 +184,7 @@ def server_processing(iterations: int, repeats: int = 5) -> dict:
 def _connect_raw(path: str) -> tuple[Client, socket.socket]:
     """A negotiated connection whose socket is then used raw and blocking."""
     client = Client.connect(path)
+    client.bring_up()
     sock = client.transport.sock
     sock.setblocking(True)
     sock.settimeout(10.0)
@@ -191,6 +195,7 @@ def ping_pong(server: ChildServer, iterations: int, warmup: int) -> dict:
     """Round trip of a 4-byte REGION_READ, with the Python client and with a raw socket."""
     out = {}
     with Client.connect(server.spec.path) as client:
+        client.bring_up()
         for _ in range(warmup):
             client.region_read(0, OFFSET, 4)
         samples = []

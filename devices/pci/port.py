@@ -1,0 +1,160 @@
+"""The device port of a :class:`~vfiouser.devices.pci.PciDevice`: how any backend serves it.
+
+:class:`PciPort` implements :class:`~vfiouser.devices.port.DevicePort` for the
+PCI framework (``device.port``). It is where a region access is checked, once
+(region index, bounds, the region's access rights), before it goes to config
+space, the ROM or a BAR; a BAR access then goes to the handler the guest's
+programming of the BAR put in the IoManager (see :mod:`vfiouser.devices.pci.bars`).
+The REGION_READ path of any backend is therefore::
+
+    port.region_read(index, offset, buf)
+      -> access table[index]: (size, writable, read, write)    bounds and rights, here only
+      -> with device.lock: read(offset, buf)
+           config space: device.config_read (write masks, W1C and hooks on write)
+           ROM:          its bytes
+           BAR n:        IoManager.mmio_read/pio_read(BAR n's guest address + offset)
+                         -> handler.read(base, offset, buf); not decoded / unclaimed: all-ones
+
+>>> from vfiouser.devices.idio16 import Idio16
+>>> port = Idio16().port
+>>> [(r.index, r.kind, r.size) for r in port.regions if r.size]
+[(2, 'io', 256), (7, 'config', 256)]
+>>> buf = bytearray(2); port.region_read(7, 0, buf); buf.hex()     # vendor 0x494f
+'4f49'
+>>> port.region_read(2, 0x100, bytearray(1))
+Traceback (most recent call last):
+    ...
+vfiouser.devices.errors.RegionAccessError: read of region 2: [0x100, +0x1) is outside its 0x100 bytes
+"""
+
+from __future__ import annotations
+
+import errno
+
+from vfiouser.devices.errors import RegionAccessError
+from vfiouser.devices.port import DevicePort, DmaBackend, InterruptSink, IrqCounts, RegionInfo, ResetReason
+
+from .dma import NO_BACKEND
+from .device import CONFIG_REGION, NO_SINK, ROM_REGION, PciDevice
+
+__all__ = ["PciPort"]
+
+
+class _Batch:
+    """``with port.batch():`` holds the device's deferred work (reentrant, no lock taken)."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker) -> None:
+        self._worker = worker
+
+    def __enter__(self) -> None:
+        self._worker.hold()
+
+    def __exit__(self, *exc) -> None:
+        self._worker.release()
+
+
+class PciPort(DevicePort):
+    """The port of one PCI device (see the module docstring). Realizes the device."""
+
+    def __init__(self, device: PciDevice) -> None:
+        device.realize()
+        self.device = device
+        self._regions = device.regions()
+        self._irq_counts = IrqCounts(
+            intx=1 if device.interrupt_pin else 0,
+            msi=device.msi.vectors if device.msi is not None else 0,
+            msix=device.msix.vectors if device.msix is not None else 0,
+            err=1,
+            req=1,
+        )
+        #: per region: (size, writable, read(offset, buf), write(offset, data))
+        self._table = tuple(self._route(r) for r in self._regions)
+        self._count = len(self._table)
+        self._lock = device.lock
+        self._batch = _Batch(device.worker)
+
+    def _route(self, region: RegionInfo) -> tuple:
+        device = self.device
+        if region.index == CONFIG_REGION:
+            return region.size, True, device.config_read, device.config_write
+        if region.index == ROM_REGION and device.rom is not None:
+            return region.size, False, device.rom.read, None
+        bar = device.bars.get(region.index)
+        if bar is not None:
+            return region.size, True, bar.read, bar.write
+        return 0, False, None, None
+
+    # -- the region table --------------------------------------------------------
+
+    @property
+    def regions(self) -> tuple[RegionInfo, ...]:
+        return self._regions
+
+    @property
+    def irq_counts(self) -> IrqCounts:
+        return self._irq_counts
+
+    def describe(self) -> str:
+        return repr(self.device)
+
+    # -- access (the hot path) ---------------------------------------------------
+
+    def _refuse(self, op: str, index: int, offset: int, size: int) -> RegionAccessError:
+        if not 0 <= index < self._count:
+            return RegionAccessError(f"{op} of region {index}: there are {self._count} regions", index, offset, size)
+        limit = self._table[index][0]
+        if size and 0 <= offset and offset + size <= limit:  # in bounds, so it was the access right
+            return RegionAccessError(f"{op} of region {index}: the region is read-only", index, offset, size,
+                                     errno=errno.EACCES)
+        return RegionAccessError(f"{op} of region {index}: [{offset:#x}, +{size:#x}) is outside its {limit:#x} bytes",
+                                 index, offset, size)
+
+    def region_read(self, index: int, offset: int, data: bytearray | memoryview) -> None:
+        size = len(data)
+        if 0 <= index < self._count:
+            limit, _, read, _ = self._table[index]
+            if size and 0 <= offset and offset + size <= limit:
+                with self._lock:
+                    read(offset, data)
+                return
+        raise self._refuse("read", index, offset, size)
+
+    def region_write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        size = len(data)
+        if 0 <= index < self._count:
+            limit, writable, _, write = self._table[index]
+            if writable and size and 0 <= offset and offset + size <= limit:
+                with self._lock:
+                    write(offset, data)
+                return
+        raise self._refuse("write", index, offset, size)
+
+    def batch(self) -> _Batch:
+        return self._batch
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def reset(self, reason: ResetReason) -> None:
+        self.device._reset(reason)
+
+    def attach(self, sink: InterruptSink, dma: DmaBackend) -> None:
+        device = self.device
+        with device.lock:
+            device._sink = sink
+            device.dma.backend = dma
+            if device.intx_pending():
+                sink.intx(True)
+
+    def detach(self) -> None:
+        device = self.device
+        with device.lock:
+            device._sink = NO_SINK
+            device.dma.backend = NO_BACKEND
+
+    def routes_changed(self) -> None:
+        self.device._deliver_pending()
+
+    def dma_allowed(self) -> bool:
+        return self.device.bus_master_enabled()
