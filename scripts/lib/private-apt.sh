@@ -5,14 +5,55 @@
 # Usage (sourced):  private_apt_init DIR; private_apt_fetch DIR [apt-get args...]
 # The .deb files land in DIR/archives. Nothing outside DIR is written.
 
+# The Debian archive to download from: $VFIOUSER_DEBIAN_MIRROR, else the one this machine's
+# own apt sources use for its Debian release (deb822 *.sources or one-line sources.list).
+# The repository names no mirror: every machine (and CI) has its own.
+debian_mirror() {
+    if [ -n "${VFIOUSER_DEBIAN_MIRROR:-}" ]; then
+        echo "${VFIOUSER_DEBIAN_MIRROR%/}"; return 0
+    fi
+    local etc=${VFIOUSER_APT_ETC:-/etc/apt} uri
+    uri=$(
+        {
+            # deb822 stanzas: the URIs of a "deb" stanza whose suites are not security ones
+            for f in "$etc"/sources.list.d/*.sources; do
+                [ -f "$f" ] || continue
+                awk 'BEGIN { RS = ""; FS = "\n" }
+                     { types = ""; uris = ""; suites = ""
+                       for (i = 1; i <= NF; i++) {
+                           if ($i ~ /^Types:/) types = $i
+                           if ($i ~ /^URIs:/) uris = $i
+                           if ($i ~ /^Suites:/) suites = $i
+                       }
+                       if (types ~ /(^|[ \t])deb([ \t]|$)/ && suites !~ /-security/ && uris != "") {
+                           sub(/^URIs:[ \t]*/, "", uris); split(uris, u, /[ \t]+/); print u[1]
+                       } }' "$f"
+            done
+            # one-line format: deb [options] URI suite components
+            for f in "$etc"/sources.list "$etc"/sources.list.d/*.list; do
+                [ -f "$f" ] || continue
+                awk '$1 == "deb" { i = 2; if ($2 ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+                                   if ($(i + 1) !~ /-security/) print $i }' "$f"
+            done
+        } | grep -E '^https?://[^ ]+/debian/?$' | head -n 1
+    )
+    if [ -z "$uri" ]; then
+        echo "no Debian archive found in $etc (sources.list or sources.list.d); set VFIOUSER_DEBIAN_MIRROR" \
+             "to a Debian archive URL (the one that ends in /debian)" >&2
+        return 1
+    fi
+    echo "${uri%/}"
+}
+
 private_apt_init() {
-    local dir=$1
+    local dir=$1 mirror
+    mirror=$(debian_mirror) || return 1
     mkdir -p "$dir/state/lists/partial" "$dir/archives/partial" "$dir/etc/sources.list.d" \
              "$dir/etc/preferences.d" "$dir/etc/trusted.gpg.d"
     : >"$dir/state/status"
     cat >"$dir/etc/sources.list" <<SOURCES
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie-backports main
 SOURCES
 }
 
