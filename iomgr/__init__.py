@@ -18,7 +18,7 @@ The flow, end to end:
 In vfiouser, every region access QEMU sends (REGION_READ/REGION_WRITE) becomes
 one of these dispatch calls; see ``docs/design.md``.
 
->>> from iomgr import IoManager, DeviceIo, PioAddressRange, MmioAddressRange, NoDevice
+>>> from vfiouser.iomgr import IoManager, DeviceIo, PioAddressRange, MmioAddressRange, NoDevice
 >>> class Latch(DeviceIo):
 ...     "One byte register, on a port and in memory."
 ...     value = 0

@@ -14,7 +14,7 @@ unregistered atomically, empty and overflowing ranges are rejected, an access
 that runs past the end of its range is rejected, and unregistering a range
 that is not registered (same base *and* size) is an error.
 
->>> from iomgr import IoManager, DeviceIo, MmioAddressRange, PioAddressRange
+>>> from vfiouser.iomgr import IoManager, DeviceIo, MmioAddressRange, PioAddressRange
 >>> class Dummy(DeviceIo):
 ...     def read(self, base, offset, data):
 ...         data[:] = bytes([offset]) * len(data)

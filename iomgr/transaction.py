@@ -12,7 +12,7 @@ swaps it in with one reference assignment. A reader takes ``current`` once per
 access and uses that snapshot, so it sees either the whole transaction or none
 of it, never half a change.
 
->>> from iomgr import CowIoManager, DeviceIo, MmioAddressRange
+>>> from vfiouser.iomgr import CowIoManager, DeviceIo, MmioAddressRange
 >>> cow = CowIoManager()
 >>> with cow.transaction() as tx:
 ...     cow.register_device_io(tx, DeviceIo(), [MmioAddressRange(0x1000, 0x10)])

@@ -460,3 +460,54 @@ def test_edu_dma_into_a_read_only_map_completes_and_writes_the_rest(serve):
         assert run_dma(c, 0x40000, 0x1000, 0x10, 0x1 | 0x2) == 0x2  # the engine still works
         assert guest.mem[:0x10] == bytes(range(16))
         os.close(fd)
+
+
+def test_a_task_that_outlives_a_power_cycle_cannot_touch_the_next_vm(serve, monkeypatch):
+    """A deferred task still running when its client left (past the reset's wait) resumes while
+    the next client is attached: its DMA and its interrupts are refused, not sent to the new VM."""
+    import vfiouser.devices.pci.device as device_module
+
+    monkeypatch.setattr(device_module, "COLD_RESET_WAIT", 0.1)
+    dev = ProbeDevice()
+    server = serve(dev)
+    release, outcome = threading.Event(), []
+
+    def stuck_then_late():
+        release.wait(5)
+        try:
+            dev.dma.write(0x0, b"OLD-VM-DATA")
+        except DmaUnavailable as exc:
+            outcome.append(exc)
+        dev.set_intx(True)
+        outcome.append("after")
+
+    with Client.connect(server.path) as first:
+        first.bring_up()
+        dev.defer(stuck_then_late)
+    assert server.wait_idle(5)
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x1000)
+    with Client.connect(server.path) as second:
+        second.bring_up()
+        second.dma_map(0, 0x1000, 3, fd=os.dup(fd))
+        release.set()
+        assert dev.worker.wait_idle(5)
+        assert isinstance(outcome[0], DmaUnavailable) and outcome[1] == "after"
+        assert os.pread(fd, 11, 0) == bytes(11) and not dev.intx_level
+    os.close(fd)
+
+
+def test_write_available_from_a_handler_moves_nothing_when_part_needs_a_message(setup):
+    dev, _, client, guest, _ = setup
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x1000)
+    client.dma_map(0x10000, 0x1000, 3, fd=fd)  # in place
+    client.dma_map(0x11000, 0x1000, 3)  # messages
+    with dev.lock:  # as in a handler
+        assert dev.dma.in_place(0x10000, 0x10) and not dev.dma.in_place(0x10FF0, 0x20)
+        dev.dma.write(0x10000, b"handler")  # all in place: allowed
+        with pytest.raises(DmaWouldDeadlock):
+            dev.dma.write_available(0x10FF0, b"x" * 0x20)
+    assert os.pread(fd, 7, 0) == b"handler" and os.pread(fd, 0x10, 0xFF0) == bytes(0x10)
+    assert guest.requests == []
+    os.close(fd)

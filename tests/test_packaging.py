@@ -12,9 +12,11 @@ from __future__ import annotations
 import ast
 import doctest
 import importlib
+import inspect
 import os
 import pathlib
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -79,6 +81,8 @@ def test_a_device_model_loads_without_the_protocol_engine():
 @pytest.mark.parametrize("module", _modules())
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
+    folder_import = re.compile(r"^\s*>>> (from|import) (devices|iomgr)\b", re.M)
+    assert not folder_import.search(inspect.getsource(mod)), f"{module}: an example imports by folder name"
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     for test in finder.find(mod, module):

@@ -28,7 +28,7 @@ from vfiouser.devices.port import ResetReason
 from vfiouser.iomgr import DeviceIo
 
 from .conftest import RecordingSink, served
-from .probe import ROM_DATA, ProbeDevice
+from .probe import ROM_DATA, ProbeDevice, Scratch
 
 
 def cfg_read(dev, offset, size=4):
@@ -478,3 +478,55 @@ def test_a_model_may_keep_deferred_work_across_reset():
     dev.port.reset(ResetReason.CLIENT_REQUEST)
     time.sleep(0.3)
     assert ran == ["survives"]
+
+
+def test_a_bar_programmed_inside_another_never_answers_for_it(caplog):
+    class Two(PciDevice):
+        vendor_id, device_id = 0x1234, 0x0003
+
+        def __init__(self):
+            super().__init__()
+            self.regs = Scratch(0x100)
+            self.other = Scratch(0x100)
+            self.add_bar(0, MemoryBar(0x1000)).map(self.regs, 0, 0x100)  # 0x100-0xfff has no handler
+            self.add_bar(1, MemoryBar(0x100)).map(self.other)
+
+    dev = Two()
+    port = served(dev)
+    assert dev.bars[0].address == 0xE000_0000
+    cfg_write(dev, 0x14, 0xE000_0800)  # BAR1 moved inside BAR0's window
+    assert dev.bars[1].address is None and "overlaps another BAR" in caplog.text
+    dev.other.mem[0] = 0x42
+    buf = bytearray(1)
+    port.region_read(0, 0x800, buf)  # BAR0's unclaimed bytes, not BAR1's register
+    assert buf[0] == 0xFF and dev.other.calls == []
+    dev.bars[0].map(Scratch(0x100), 0x800, 0x100)  # and BAR0 may still map its own blocks there
+    caplog.clear()
+    cfg_write(dev, 0x04, 0x2, 2)  # more writes do not warn again
+    assert "overlaps" not in caplog.text
+
+
+def test_firmware_refuses_a_32_bit_bar_it_cannot_place_below_4_gib():
+    from vfiouser.devices.pci.firmware import bring_up
+
+    class Big(PciDevice):
+        vendor_id, device_id = 0x1234, 0x0004
+
+        def __init__(self):
+            super().__init__()
+            self.add_bar(0, MemoryBar(1 << 29))
+
+    with pytest.raises(DeviceUsageError, match="below 4 GiB"):
+        bring_up(Big().port)
+    assert bring_up(Big().port, mem32_base=0x8000_0000) == {0: 0x8000_0000}
+
+
+def test_a_model_calling_the_base_reset_without_a_type_still_works():
+    class Old(Plain):
+        def reset(self):
+            super().reset()
+            self.was_reset = True
+
+    dev = Old()
+    dev.port.reset(ResetReason.CLIENT_REQUEST)
+    assert dev.was_reset

@@ -599,3 +599,27 @@ def test_second_client_while_busy_gets_ebusy(probe, client):
     with Client.connect(server.path, negotiate=False) as second:
         expect_error(second, errno.EBUSY, Command.VERSION, Version.build(dict(major=0, minor=0, json="{}")))
     alive(client)
+
+
+def test_a_model_that_fails_to_reset_when_its_client_leaves_does_not_hurt_the_server(serve, caplog):
+    class Brittle(ProbeDevice):
+        def reset(self, kind):
+            raise SystemExit("broken reset")
+
+    server = serve(Brittle())
+    with Client.connect(server.path) as c:
+        alive(c)
+    assert server.wait_idle(5)
+    assert "failed to reset after its client left" in caplog.text
+    with Client.connect(server.path) as again:
+        alive(again)
+    assert server.wait_idle(5)
+
+
+def test_region_write_multi_with_an_empty_write_is_malformed(probe, client):
+    dev, _ = probe
+    count, entry = Layout.WRITE_MULTI_COUNT, Layout.WRITE_MULTI_ENTRY
+    good = entry.pack(0x300, 0, 1, b"\x07".ljust(8, b"\0"))
+    expect_error(client, errno.EINVAL, Command.REGION_WRITE_MULTI, count.pack(2) + good + entry.pack(0, 0, 0, bytes(8)))
+    assert dev.ram.mem[0x300] == 0
+    alive(client)

@@ -71,6 +71,8 @@ class CommandHandlers:
         self.session = session
         self.port = session.port
         self.regions = session.regions
+        #: the largest region access served: the one limit both dispatch paths use
+        self.max_xfer = session.caps.max_data_xfer_size
 
     def table(self) -> dict[int, object]:
         """``command -> bound handler`` for every method marked with :func:`handles`."""
@@ -83,7 +85,7 @@ class CommandHandlers:
 
     def check_count(self, count: int) -> None:
         """The protocol's limit on one region access (the port checks the region's bounds)."""
-        if count > self.session.caps.max_data_xfer_size:
+        if count > self.max_xfer:
             raise BadRegionAccess(f"{count} bytes exceeds max_data_xfer_size", errno=errno.E2BIG)
 
     # -- negotiation and device information ----------------------------------------------
@@ -187,8 +189,8 @@ class CommandHandlers:
             raise MalformedMessage(f"REGION_WRITE_MULTI of {wr_cnt} writes is {len(frame.payload)} bytes, "
                                    f"not {expected}")
         writes = list(Layout.WRITE_MULTI_ENTRY.iter_unpack(frame.payload[Layout.WRITE_MULTI_COUNT.size :]))
-        if any(count > MULTI_WRITE_MAX_DATA for _, _, count, _ in writes):
-            raise MalformedMessage("REGION_WRITE_MULTI has a write of more than 8 bytes")
+        if any(not 0 < count <= MULTI_WRITE_MAX_DATA for _, _, count, _ in writes):
+            raise MalformedMessage("REGION_WRITE_MULTI has a write of 0 or more than 8 bytes")
         # Each write is a posted bus write of its own: a refused one is dropped (and reported),
         # the others land, in order.
         failed = None

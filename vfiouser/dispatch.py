@@ -70,7 +70,7 @@ class Dispatcher:
         self.outbox = session.outbox
         self.log = session.log
         self.handlers = handlers
-        self.max_xfer = session.caps.max_data_xfer_size
+        self.max_xfer = handlers.max_xfer  # the full path's limit, shared
         self.table = self._build_table(handlers.table())
         #: whether the fast path may run (see :meth:`refresh`)
         self.fast = False
@@ -102,7 +102,7 @@ class Dispatcher:
                         reply = bytearray(_ACCESS_SIZE + count)
                         try:
                             self.port.region_read(region, offset, memoryview(reply)[_ACCESS_SIZE:])
-                        except Exception as exc:
+                        except BaseException as exc:  # a model that raises anything gets an error reply
                             self.failed(msg_id, cmd, flags, exc)
                             return
                         if not flags:
@@ -117,7 +117,7 @@ class Dispatcher:
                     if count == msg_size - _ACCESS_SIZE and count <= self.max_xfer:
                         try:
                             self.port.region_write(region, offset, data)
-                        except Exception as exc:
+                        except BaseException as exc:  # a model that raises anything gets an error reply
                             self.failed(msg_id, cmd, flags, exc)
                             return
                         if not flags:
@@ -149,7 +149,7 @@ class Dispatcher:
             if handler is None:
                 raise UnknownCommand(f"unknown command {cmd}")
             reply = handler(frame)
-        except Exception as exc:
+        except BaseException as exc:  # a model that raises anything gets an error reply
             self.failed(msg_id, cmd, flags, exc)
             return
         finally:

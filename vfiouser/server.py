@@ -353,9 +353,11 @@ class Server:
             self._sel.unregister(session.transport.sock)
         except (KeyError, ValueError):
             pass
-        session.close()
+        try:
+            session.close()
+        finally:
+            self._idle.set()
         log.info("%s gone; its fds and DMA mappings are released, waiting for the next client", session.name)
-        self._idle.set()
 
     def _on_busy_client(self, conn) -> None:
         """Answer the first message of a client that came while another is served, then drop it."""

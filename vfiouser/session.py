@@ -145,9 +145,11 @@ class Session:
             self._framing_failed(exc)
             return False
         dispatch = self.dispatcher.dispatch
+        done = 0
         with self.port.batch():  # deferred work starts only once these requests are answered
             try:
                 for frame in frames:
+                    done += 1
                     if self.state is _CLOSED:  # e.g. a failed VERSION: nothing after it runs
                         close_fds(frame.fds)
                         continue
@@ -156,6 +158,8 @@ class Session:
             except ConnectionClosed as exc:
                 self.log.info("client disconnected while we replied (%s)", exc)
                 self._set_state(_CLOSED, "send failed")
+                for frame in frames[done:]:  # never dispatched: their fds are ours to close
+                    close_fds(frame.fds)
         if self.transport.framing_error is not None and self.state is not _CLOSED:
             self._framing_failed(self.transport.framing_error)
         return self.state is not _CLOSED
@@ -183,8 +187,13 @@ class Session:
             return
         self._released = True
         self.requester.close()
-        self.port.detach()
-        self.irqs.close()
-        self.dma_maps.close()
-        self.transport.close()
-        self.port.reset(ResetReason.CLIENT_LOST)
+        try:
+            self.port.detach()
+        finally:
+            self.irqs.close()
+            self.dma_maps.close()
+            self.transport.close()
+        try:
+            self.port.reset(ResetReason.CLIENT_LOST)
+        except BaseException:  # a broken model must not take the server with it
+            self.log.exception("the device failed to reset after its client left")

@@ -90,6 +90,7 @@ class Bar:
         #: The guest address the BAR is decoded at, or None: not programmed, decoding off in
         #: the command register, or overlapping another BAR of the device.
         self.address: int | None = None
+        self._blocked_at: int | None = None  # where it would decode but overlaps another BAR
         self._io = None  # the device's IoManager, once the BAR is added to a device
 
     # -- config-space encoding (used by PciDevice.add_bar) --------------------
@@ -125,6 +126,8 @@ class Bar:
 
     #: ``(offset, size)`` of each shared (mmap-able) area; only memory BARs have any.
     shared_areas: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()
+    #: The memory behind the shared areas; only memory BARs have any.
+    shared: SharedMemory | None = None
 
     def map(self, handler: DeviceIo, offset: int = 0, size: int | None = None) -> None:
         """Route accesses to ``[offset, offset+size)`` of this BAR to ``handler``.

@@ -43,10 +43,10 @@ import threading
 
 from vfiouser.devices.errors import DefinitionError, DeviceUsageError
 from vfiouser.devices.port import InterruptSink, RegionInfo, RegionKind, ResetReason, ResetType
-from vfiouser.iomgr import CowIoManager, DeviceIo, DeviceOverlap, NoDevice
+from vfiouser.iomgr import CowIoManager, DeviceIo, NoDevice
 
 from .bars import Bar, BarError, RomBar
-from .dma import NO_BACKEND, Dma
+from .dma import Dma
 from .msi import MsiCapability, MsixCapability
 from .worker import DeviceWorker
 from .config import (
@@ -312,7 +312,7 @@ class PciDevice(DeviceIo):
             bar = self.bars.get(index)
             if index < 6 and bar is not None:
                 kind = RegionKind.IO if bar.is_io else RegionKind.MEMORY
-                shared = getattr(bar, "shared", None)
+                shared = bar.shared
                 if shared is not None:
                     out.append(RegionInfo(index, bar.size, kind, True, True, tuple(bar.shared_areas), shared.fd))
                 else:
@@ -332,8 +332,10 @@ class PciDevice(DeviceIo):
 
         The rules of QEMU's PCI core (``pci_bar_address``): I/O or memory decoding
         must be on in the command register; address 0 and a range that wraps (or, for
-        a 32-bit BAR, crosses 4 GiB) are not decoded; an I/O BAR must lie in the
-        64 KiB port space.
+        a 32-bit BAR, crosses 4 GiB) are not decoded. One more of ours: an I/O BAR must
+        lie in the 64 KiB x86 port space, the IoManager's PIO bus (QEMU could not reach
+        it there either). A BAR whose window overlaps another's does not decode either
+        (see :meth:`_decode_targets`).
         """
         return self._decodable_address(bar, self.config.get_word(PCI_COMMAND))
 
@@ -357,23 +359,42 @@ class PciDevice(DeviceIo):
             return None
         return addr
 
+    def _decode_targets(self) -> dict[Bar, int | None]:
+        """Where each BAR should decode now. Two BARs whose windows overlap in the same space
+        cannot both decode: one that already decodes there keeps it, else the lower index wins."""
+        wanted = {bar: self.bar_address(bar) for bar in self.bars.values()}
+        order = sorted(self.bars.values(), key=lambda b: (wanted[b] != b.address, b.index))
+        claimed: list[tuple[bool, int, int]] = []
+        targets: dict[Bar, int | None] = {}
+        for bar in order:
+            addr = wanted[bar]
+            if addr is not None:
+                clash = next((b for io, b, end in claimed if io == bar.is_io and b < addr + bar.size and addr < end),
+                             None)
+                if clash is not None:
+                    if bar._blocked_at != addr:
+                        self.log.warning("BAR%d at %#x overlaps another BAR of the device; it does not decode "
+                                         "until one of them moves", bar.index, addr)
+                    bar._blocked_at = addr
+                    addr = None
+                else:
+                    bar._blocked_at = None
+                    claimed.append((bar.is_io, addr, addr + bar.size))
+            targets[bar] = addr
+        return targets
+
     def _decode(self, offset: int = 0, size: int = 0) -> None:
         """Bring the IoManager in line with the BAR registers and the command register's
         decode bits, in one transaction (a write hook of both; called with the lock held)."""
-        moved = [(bar, new) for bar in self.bars.values() if (new := self.bar_address(bar)) != bar.address]
+        moved = [(bar, new) for bar, new in self._decode_targets().items() if new != bar.address]
         if not moved:
             return
         with self.io.transaction() as tx:
             for bar, _ in moved:
                 bar.unregister(self.io, tx)
             for bar, new in moved:
-                if new is None:
-                    continue
-                try:
-                    bar.register_at(self.io, tx, new)
-                except DeviceOverlap as exc:  # two BARs programmed over each other: the later loses
-                    self.log.warning("BAR%d at %#x overlaps another BAR of the device; not decoded (%s)",
-                                     bar.index, new, exc)
+                if new is not None:
+                    bar.register_at(self.io, tx, new)  # windows do not overlap: cannot clash
         for bar, _ in moved:
             where = f"{bar.address:#x}" if bar.address is not None else "nowhere (not decoded)"
             self.log.debug("BAR%d now at %s", bar.index, where)
@@ -386,7 +407,7 @@ class PciDevice(DeviceIo):
         with_decoding = self.config.get_word(PCI_COMMAND) | PCI_COMMAND_IO | PCI_COMMAND_MEMORY
         if self._decodable_address(bar, with_decoding) is None:
             reasons.append("its address is not programmed, or not one the bus decodes")
-        why = " and ".join(reasons) or "it overlaps another BAR"
+        why = " and ".join(reasons) or "it overlaps another BAR of the device"
         what = "reads as all-ones" if op == "read" else "is dropped"
         self._warn_once(("abort", bar.index, op), "%d-byte %s of BAR%d at %#x %s: BAR%d is not decoded, %s",
                         size, op, bar.index, offset, what, bar.index, why)
@@ -452,6 +473,8 @@ class PciDevice(DeviceIo):
         """Drive the INTx pin to ``level``; mirrored in the status register's interrupt bit."""
         if not self.interrupt_pin:
             raise DeviceUsageError(f"{type(self).__name__} has no interrupt pin")
+        if self._from_before_reset("INTx"):
+            return
         with self.lock:
             self._intx_level = bool(level)
             self.config.set_bits_word(PCI_STATUS, PCI_STATUS_INTERRUPT, self._intx_level)
@@ -469,6 +492,8 @@ class PciDevice(DeviceIo):
         """Send MSI ``vector`` (held pending while masked, dropped while MSI is disabled)."""
         if self.msi is None:
             raise DeviceUsageError(f"{type(self).__name__} has no MSI capability")
+        if self._from_before_reset(f"MSI vector {vector}"):
+            return
         with self.lock:
             self.msi.fire(vector)
 
@@ -476,8 +501,18 @@ class PciDevice(DeviceIo):
         """Send MSI-X ``vector`` (held in the PBA while it cannot be sent, dropped while MSI-X is disabled)."""
         if self.msix is None:
             raise DeviceUsageError(f"{type(self).__name__} has no MSI-X capability")
+        if self._from_before_reset(f"MSI-X vector {vector}"):
+            return
         with self.lock:
             self.msix.fire(vector)
+
+    def _from_before_reset(self, what: str) -> bool:
+        """Whether the caller is a deferred task that was running when the device was reset:
+        what it does to the bus (interrupts, DMA) is dropped, it belongs to the old state."""
+        if self.worker.stale_here():
+            self.log.debug("%s from a task that started before a reset; dropped", what)
+            return True
+        return False
 
     def _deliver_pending(self) -> None:
         """Send held MSI/MSI-X vectors that can go now (interrupt routes changed)."""
@@ -517,7 +552,8 @@ class PciDevice(DeviceIo):
         the BARs stop decoding, and the model's :meth:`reset` runs."""
         kind = self.reset_type(reason)
         cold = kind is ResetType.COLD
-        if cold or self.reset_cancels_deferred:
+        # A lost client never leaves work behind for the next one, whatever the model keeps.
+        if cold or self.reset_cancels_deferred or reason is ResetReason.CLIENT_LOST:
             dropped = self.worker.cancel_pending()
             if dropped:
                 self.log.debug("reset (%s) dropped %d deferred task(s)", reason.value, dropped)
@@ -551,7 +587,7 @@ class PciDevice(DeviceIo):
         except (TypeError, ValueError):
             return True
 
-    def reset(self, kind: ResetType) -> None:
+    def reset(self, kind: ResetType = ResetType.WARM) -> None:
         """Model hook: put device registers back to their reset values.
 
         ``kind`` (:class:`~vfiouser.devices.port.ResetType`) is ``WARM`` for a

@@ -121,6 +121,8 @@ class Dma:
         if self.backend is NO_BACKEND:
             raise DmaUnavailable("no client is connected", addr, size)
         device = self._device
+        if device.worker.stale_here():
+            raise DmaUnavailable("the device was reset while this task ran; its DMA is refused", addr, size)
         if not device.bus_master_enabled():
             raise DmaBusMasterDisabled("bus mastering is disabled (command register bit 2)", addr, size)
         return not (device.lock._is_owned() or device.worker.held_here())
@@ -170,9 +172,16 @@ class Dma:
         unmapped or read-protected memory are still raised."""
         may_wait = self._may_wait(addr, size)
         out = bytearray(size)
-        for start, length in self.backend.mapped(addr, size, False):
+        for start, length in self._reachable(addr, size, False, may_wait):
             out[start - addr : start - addr + length] = self.backend.read(start, length, may_wait=may_wait)
         return bytes(out)
+
+    def _reachable(self, addr: int, size: int, write: bool, may_wait: bool) -> list[tuple[int, int]]:
+        pieces = self.backend.mapped(addr, size, write)
+        if not may_wait and not all(self.backend.in_place(a, n, write) for a, n in pieces):
+            raise DmaWouldDeadlock("DMA that needs the client, from a request handler or with the device lock "
+                                   "held; defer it", addr, size)  # before a byte moves
+        return pieces
 
     def write_available(self, addr: int, data: bytes | bytearray | memoryview) -> int:
         """Write like a bus: the parts of the range mapped for writing are written, the rest is
@@ -180,7 +189,7 @@ class Dma:
         data = bytes(data)
         may_wait = self._may_wait(addr, len(data))
         written = 0
-        for start, length in self.backend.mapped(addr, len(data), True):
+        for start, length in self._reachable(addr, len(data), True, may_wait):
             self.backend.write(start, data[start - addr : start - addr + length], may_wait=may_wait)
             written += length
         return written

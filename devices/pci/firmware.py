@@ -16,6 +16,8 @@ it a naturally aligned address, then turn decoding (and bus mastering) on.
 
 from __future__ import annotations
 
+from vfiouser.devices.errors import DeviceUsageError
+
 from .config import (
     PCI_BASE_ADDRESS_0,
     PCI_BASE_ADDRESS_IO_MASK,
@@ -80,6 +82,9 @@ def assign_bars(read, write, *, io_base: int = IO_BASE, mem32_base: int = MEM32_
             size = (~full & 0xFFFF_FFFF) + 1
             address = next_mem32 = _align(next_mem32, size)
             next_mem32 += size
+            if address + size - 1 > 0xFFFF_FFFE:  # a 32-bit BAR must end below 4 GiB to decode
+                raise DeviceUsageError(f"BAR{index} ({size:#x} bytes) does not fit below 4 GiB from "
+                                       f"{mem32_base:#x}; pass a lower mem32_base")
         write(reg, address & 0xFFFF_FFFF, 4)
         placed[index] = address
         index += 2 if wide else 1

@@ -79,6 +79,10 @@ class DeviceWorker:
         self._holder = me
         self._gate += 1
 
+    def stale_here(self) -> bool:
+        """Whether the calling thread is this worker running a task from before a reset."""
+        return threading.current_thread() is self._thread and self._running_epoch != self.epoch
+
     def held_here(self) -> bool:
         """Whether the calling thread holds the worker (it is serving a batch of requests)."""
         return bool(self._gate) and self._holder == threading.get_ident()
@@ -110,7 +114,7 @@ class DeviceWorker:
                     self._cond.wait(self._tasks[0][0] - now if self._tasks else None)
             try:
                 fn(*args)
-            except Exception:
+            except BaseException:  # SystemExit and friends too: a task never ends the worker
                 log.exception("deferred task %r of %s failed", fn, self.name)
             finally:
                 with self._cond:

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import struct
 
-from vfiouser.devices.pci import INTA, MemoryBar, PciDevice, PCI_CAP_ID_VNDR
+from vfiouser.devices.pci import INTA, MemoryBar, PciDevice, PCI_CAP_ID_VNDR, ResetType
 from vfiouser.iomgr import DeviceIo
 
 from .queue import NO_VECTOR, SplitQueue
@@ -207,7 +207,7 @@ class VirtioPciDevice(PciDevice):
         if self.interrupt_pin and self.intx_level:
             self.lower_intx()
 
-    def reset(self, kind) -> None:
+    def reset(self, kind: ResetType = ResetType.WARM) -> None:
         """A function-level reset (or a power cycle) is a virtio reset."""
         self._virtio_reset()
 
