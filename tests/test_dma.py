@@ -6,6 +6,7 @@ test thread plays the device's worker (DMA needs neither the device lock nor
 the server loop).
 """
 
+import contextlib
 import errno
 import mmap
 import os
@@ -23,7 +24,6 @@ from vfiouser.devices.pci import (
     DmaWouldDeadlock,
 )
 from vfiouser.client import Client
-from vfiouser.errors import ConnectionClosed
 from vfiouser.protocol import Command
 
 from .probe import ProbeDevice
@@ -48,21 +48,10 @@ class GuestMemory:
         return None
 
 
-def serve_client(client: Client, stop: threading.Event) -> threading.Thread:
-    """Answer the server's DMA requests on a thread until ``stop``."""
-
-    def loop():
-        while not stop.is_set():
-            try:
-                msg = client.receive(timeout=0.05)
-                if msg is not None and not msg.is_reply:
-                    client.serve_request(msg)
-            except ConnectionClosed:
-                return
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
+def serve_client(client: Client, stop: contextlib.ExitStack) -> None:
+    """Answer the server's DMA requests on a thread until ``stop`` closes (the client's
+    own :meth:`Client.serving`, which also routes replies to whichever thread waits)."""
+    stop.enter_context(client.serving())
 
 
 @pytest.fixture
@@ -72,9 +61,9 @@ def setup(serve):
     guest = GuestMemory(0x10000, 0x10000)
     client = Client.connect(server.path, dma_handler=guest)
     client.bring_up()  # BARs decoded, bus master on, as firmware and a driver leave them
-    stop = threading.Event()
+    stop = contextlib.ExitStack()
     yield dev, server, client, guest, stop
-    stop.set()
+    stop.close()
     client.close()
 
 
@@ -95,7 +84,7 @@ def test_message_mode_is_chunked_to_the_clients_max_data_xfer_size(serve):
     server = serve(dev)
     guest = GuestMemory(0, 0x10000)
     caps = {"capabilities": {"max_data_xfer_size": 4096, "max_msg_fds": 16}}
-    stop = threading.Event()
+    stop = contextlib.ExitStack()
     with Client.connect(server.path, caps=caps, dma_handler=guest) as client:
         client.bring_up()
         client.dma_map(0, 0x10000, 3)
@@ -105,7 +94,7 @@ def test_message_mode_is_chunked_to_the_clients_max_data_xfer_size(serve):
         assert bytes(guest.mem[0x100:0x100 + 10000]) == payload
         assert dev.dma.read(0x100, 10000) == payload
         assert [n for _, _, n in guest.requests] == [4096, 4096, 1808] * 2  # the client's own limit
-        stop.set()
+        stop.close()
 
 
 def test_mmap_mode_accesses_guest_memory_in_place(setup):
@@ -253,10 +242,10 @@ def test_deferred_work_runs_after_the_reply_and_may_do_dma(serve):
         client.bring_up()
         client.dma_map(0x10000, 0x1000, 3)
         client.region_write(0, 0x800, b"\x01")  # synchronous write: the reply comes first
-        stop = threading.Event()
+        stop = contextlib.ExitStack()
         serve_client(client, stop)
         assert done.wait(5)
-        stop.set()
+        stop.close()
     assert result == [b"\x01\x02\x03\x04"] and guest.mem[0x10:0x14] == b"\x04\x03\x02\x01"
 
 
@@ -511,3 +500,26 @@ def test_write_available_from_a_handler_moves_nothing_when_part_needs_a_message(
     assert os.pread(fd, 7, 0) == b"handler" and os.pread(fd, 0x10, 0xFF0) == bytes(0x10)
     assert guest.requests == []
     os.close(fd)
+
+
+def test_a_client_serving_dma_on_a_thread_never_loses_a_reply(setup):
+    """The client answers the device's DMA on one thread while another makes requests: a
+    reply read by either thread reaches the one that waits for it (this raced before)."""
+    dev, _, client, guest, stop = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    serve_client(client, stop)
+    done, moved = threading.Event(), []
+
+    def device():
+        while not done.is_set():
+            moved.append(dev.dma.read(0x10000, 16))
+
+    t = threading.Thread(target=device)
+    t.start()
+    try:
+        for _ in range(300):
+            assert client.config_read(0) == 0xBEEF1234
+    finally:
+        done.set()
+        t.join(5)
+    assert len(moved) > 10 and len(guest.requests) == len(moved)

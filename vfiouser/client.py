@@ -28,17 +28,19 @@ answer with its errno.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vfiouser.devices.pci.firmware import assign_bars
 
-from .errors import ClientStateError, ErrorReply, ReplyTimeout, UnsupportedCommand, VfioUserError
+from .errors import ClientStateError, ConnectionClosed, ErrorReply, ReplyTimeout, UnsupportedCommand, VfioUserError
 from .protocol import (
     DMA_ACCESS,
     HEADER,
@@ -122,6 +124,9 @@ class Client:
         self._next_id = 0
         self._stash: dict[int, Message] = {}
         self._pending: list[Message] = []
+        # One thread reads the socket at a time; replies it reads for others go to the stash.
+        self._cond = threading.Condition()
+        self._reading = False
         self.server_caps: dict = {}
         self.negotiated = False
 
@@ -170,7 +175,10 @@ class Client:
         return msg_id
 
     def receive(self, timeout: float | None = None) -> Message | None:
-        """The next message from the server, or ``None`` after ``timeout`` seconds."""
+        """The next message from the server, or ``None`` after ``timeout`` seconds.
+
+        Raw: nothing is routed, a reply another thread waits for included; use it from
+        one thread, for tests of what exactly the server sends."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
@@ -197,15 +205,14 @@ class Client:
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        while msg_id not in self._stash:
-            msg = self.receive(max(0.0, deadline - time.monotonic()))
-            if msg is None:
+        while True:
+            with self._cond:
+                reply = self._stash.pop(msg_id, None)
+            if reply is not None:
+                break
+            if time.monotonic() >= deadline:
                 raise ReplyTimeout(f"no reply to {command_name(cmd)} #{msg_id} within {timeout}s")
-            if msg.is_reply:
-                self._stash[msg.msg_id] = msg
-            else:
-                self.serve_request(msg)
-        reply = self._stash.pop(msg_id)
+            self._pump(deadline)
         if reply.cmd != cmd:
             _close_fds(reply.fds)
             raise ClientStateError(f"reply #{msg_id} is for {command_name(reply.cmd)}, expected {command_name(cmd)}")
@@ -223,6 +230,50 @@ class Client:
         if no_reply:
             return None
         return self.wait_reply(msg_id, cmd, timeout)
+
+    def _pump(self, deadline: float) -> None:
+        """Read one message, as the only reader, and route it: a reply to the stash (where its
+        waiter, on any thread, finds it), a server request to :meth:`serve_request`. If another
+        thread is reading, wait for it instead."""
+        with self._cond:
+            if self._reading:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+                return
+            self._reading = True
+        msg = None
+        try:
+            msg = self.receive(max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._cond:
+                self._reading = False
+                if msg is not None and msg.is_reply:
+                    self._stash[msg.msg_id] = msg
+                self._cond.notify_all()
+        if msg is not None and not msg.is_reply:
+            self.serve_request(msg)
+
+    @contextlib.contextmanager
+    def serving(self):
+        """``with client.serving():`` answers the server's DMA requests on a thread of its own
+        while the block runs, so a device may do DMA while this thread does something else
+        (QEMU's client answers them from its main loop the same way). Requests made from the
+        block still get their replies."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    self._pump(time.monotonic() + 0.05)
+                except (ConnectionClosed, OSError, ValueError):  # closed under us: nothing left to serve
+                    return
+
+        thread = threading.Thread(target=loop, name="vfiouser-client-dma", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(5)
 
     def serve_request(self, msg: Message) -> None:
         """Answer a server-to-client command (DMA_READ / DMA_WRITE)."""
