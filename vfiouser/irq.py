@@ -48,11 +48,14 @@ NUM_IRQ_INDEXES = 5
 _ONE = (1).to_bytes(8, "little")
 
 
-def _signal(fd: int) -> None:
+def _adopt(fd: int) -> int:
+    """Make a client's fd non-blocking: the server never waits on a fd a client gave it
+    (QEMU's eventfds are non-blocking already; a hostile client's pipe might not be)."""
     try:
-        os.write(fd, _ONE)
-    except OSError as exc:
-        _log.warning("cannot signal eventfd %d: %s", fd, exc)
+        os.set_blocking(fd, False)
+    except OSError:
+        pass  # not a kind of fd that has the flag; writes fail instead of blocking then
+    return fd
 
 
 def _close(fd: int | None) -> None:
@@ -82,6 +85,7 @@ class IrqState(InterruptSink):
         self._watch = watch or (lambda fd: None)
         self._unwatch = unwatch or (lambda fd: None)
         self._lock = threading.RLock()
+        self._failed_fds: set[int] = set()  # fds we already warned about
         self.log = log if log is not None else _log
 
     # -- GET_IRQ_INFO ------------------------------------------------------------
@@ -152,8 +156,8 @@ class IrqState(InterruptSink):
         if dtype == IrqSetFlags.DATA_EVENTFD:
             for i in range(count):
                 vec = start + i
-                _close(self.fds[index][vec])
-                self.fds[index][vec] = fds[i] if fds else None
+                self._forget(self.fds[index][vec])
+                self.fds[index][vec] = _adopt(fds[i]) if fds else None
                 self.masked[index][vec] = False
             if fds:
                 fds.clear()
@@ -171,7 +175,7 @@ class IrqState(InterruptSink):
 
     def _disable(self, index: int) -> None:
         for vec, fd in enumerate(self.fds[index]):
-            _close(fd)
+            self._forget(fd)
             self.fds[index][vec] = None
             self.masked[index][vec] = False
         self.enabled[index] = False
@@ -193,7 +197,7 @@ class IrqState(InterruptSink):
             if fds:
                 fd = fds.pop(0)
                 try:
-                    self._watch(fd)
+                    self._watch(_adopt(fd))
                 except (OSError, ValueError) as exc:
                     _close(fd)
                     raise BadIrqRequest(f"the INTx resample fd cannot be polled: {exc}") from None
@@ -216,8 +220,24 @@ class IrqState(InterruptSink):
         fd = self.fds[index][vec]
         if fd is None or not self.enabled[index] or self.masked[index][vec]:
             return False
-        _signal(fd)
+        self._signal(fd)
         return True
+
+    def _signal(self, fd: int) -> None:
+        """Write the eventfd; never blocks. A write that cannot go (a full counter, a pipe
+        nobody reads, a broken fd) loses this interrupt: the client's problem, logged once."""
+        try:
+            os.write(fd, _ONE)
+        except OSError as exc:
+            if fd not in self._failed_fds:
+                self._failed_fds.add(fd)
+                why = "it is full (the client does not read it)" if isinstance(exc, BlockingIOError) else exc
+                self.log.warning("interrupt fd %d cannot be signalled: %s; its interrupts are lost", fd, why)
+
+    def _forget(self, fd: int | None) -> None:
+        if fd is not None:
+            self._failed_fds.discard(fd)
+            _close(fd)
 
     def _fire_intx(self) -> None:
         if self._fire(IrqIndex.INTX, 0):
@@ -251,9 +271,19 @@ class IrqState(InterruptSink):
         if fd is None:
             return
         try:
-            os.read(fd, 8)
-        except OSError:
-            pass
+            data = os.read(fd, 8)
+        except BlockingIOError:
+            return  # nothing to read: a spurious wake-up
+        except OSError as exc:
+            data, why = b"", exc
+        else:
+            why = "end of file (its writer is gone)"
+        if not data:  # a dead fd is readable for ever: drop it, or the loop would spin on it
+            self.log.warning("the INTx resample fd %d is dead (%s); dropped, INTx is unmasked by message only",
+                             fd, why)
+            with self._lock:
+                self._drop_resample()
+            return
         with self._lock:
             self.masked[IrqIndex.INTX][0] = False
             if self.intx_level:
@@ -266,7 +296,7 @@ class IrqState(InterruptSink):
         with self._lock:
             for index in range(len(self.counts)):
                 for vec, fd in enumerate(self.fds[index]):
-                    _close(fd)
+                    self._forget(fd)
                     self.fds[index][vec] = None
                 self.enabled[index] = False
             self._drop_resample()
