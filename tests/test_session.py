@@ -336,14 +336,22 @@ def test_unknown_and_unsupported_commands(client):
     alive(client)
 
 
-def test_oversized_message_is_refused_and_drained(client):
-    big = bytes((1 << 20) + 8192)
-    msg_id = client.next_id()
-    client.send_raw(HEADER.pack(msg_id, Command.REGION_WRITE, 16 + len(big), 0, 0) + big)
-    with pytest.raises(ErrorReply) as exc:
-        client.wait_reply(msg_id, Command.REGION_WRITE)
-    assert exc.value.errno == errno.EMSGSIZE
-    alive(client)
+@pytest.mark.parametrize("announced", [(1 << 20) + 8192, 0xFFFF_FFFF - 16])
+def test_an_oversized_message_is_refused_and_ends_the_connection(probe, announced):
+    """Its size cannot be trusted (4 GiB announced, nothing sent): EMSGSIZE, then the connection
+    closes, and the next client is served at once."""
+    _, server = probe
+    c = Client.connect(server.path)
+    msg_id = c.next_id()
+    c.send_raw(HEADER.pack(msg_id, Command.REGION_WRITE, 16 + announced, 0, 0) + bytes(64))
+    reply = c.receive(timeout=5)
+    assert reply.msg_id == msg_id and reply.is_error and reply.error_no == errno.EMSGSIZE
+    with pytest.raises(ConnectionClosed):  # then end of stream
+        assert c.receive(timeout=5) is None, "the server kept the connection open"
+    c.close()
+    assert server.wait_idle(5)
+    with Client.connect(server.path) as again:
+        alive(again)
 
 
 def test_unknown_message_type(client):
@@ -502,8 +510,11 @@ def test_dma_map_rules(probe, client, no_fd_leak):
     _, server = probe
     client.dma_map(0x10000, 0x10000)
     expect_error(client, errno.EEXIST, Command.DMA_MAP, _dma_map(0x18000, 0x10000))
-    client.dma_map(0x10000, 0x10000, 1)  # the very same range: replaced
-    assert server.session.dma_maps.find(0x10000, 1).flags == 1
+    before = server.session.dma_maps.find(0x10000, 1)
+    client.dma_map(0x10000, 0x10000)  # the very same map again (QEMU does it): replaced
+    assert server.session.dma_maps.find(0x10000, 1) is not before
+    expect_error(client, errno.EEXIST, Command.DMA_MAP, _dma_map(0x10000, 0x10000, flags=1))  # other rights
+    assert server.session.dma_maps.find(0x10000, 1).flags == 3
     expect_error(client, errno.EINVAL, Command.DMA_MAP, _dma_map(0x40000, 0, ))
     expect_error(client, errno.EINVAL, Command.DMA_MAP, _dma_map(0x40000, 0x1000, flags=0x10))
     expect_error(client, errno.EINVAL, Command.DMA_MAP, _dma_map(2**64 - 0x1000, 0x2000))

@@ -113,13 +113,16 @@ def test_fds_sent_mid_message_are_closed(pair, no_fd_leak):
     os.close(w)
 
 
-def test_oversized_message_is_skipped_and_reported(pair):
+def test_oversized_message_is_reported_and_nothing_after_it_is_read(pair):
     peer, t = pair
     big = msg(8, payload=b"b" * 10000)
-    peer.sendall(big + msg(9, payload=b"ok"))
+    peer.sendall(msg(7, payload=b"before") + big + msg(9, payload=b"ok"))
     frames = receive_all(t, 2)
-    assert frames[0].msg_id == 8 and frames[0].payload is None and frames[0].msg_size == 10016
-    assert frames[1].msg_id == 9 and frames[1].payload == b"ok"
+    assert frames[0].msg_id == 7 and frames[0].payload == b"before"
+    assert frames[1].msg_id == 8 and frames[1].payload is None and frames[1].msg_size == 10016
+    assert t.abandoned
+    with pytest.raises(ConnectionClosed):
+        t.receive()
 
 
 def test_header_smaller_than_itself_cannot_be_framed(pair):

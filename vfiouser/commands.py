@@ -93,7 +93,10 @@ class CommandHandlers:
     @handles(Command.VERSION)
     @require(SessionState.NEGOTIATING)
     def version(self, frame):
-        client, reply, minor = negotiate(frame.payload, frame.fds, self.session.caps)
+        client, reply, minor, omitted = negotiate(frame.payload, frame.fds, self.session.caps)
+        if omitted:
+            self.session.log.info("VERSION reply leaves out %s: the client reads the reply into its %d-byte "
+                                  "request, as QEMU does", ", ".join(omitted), len(frame.payload) + 16)
         self.session.negotiated(client, minor)
         return reply
 

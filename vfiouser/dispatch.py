@@ -176,5 +176,5 @@ class Dispatcher:
             self.log.exception("device model failed on %s #%d", command_name(cmd), msg_id)
         if not flags & _NO_REPLY:
             self.outbox.error(msg_id, cmd, err)
-        if isinstance(exc, NegotiationError):
+        if isinstance(exc, (NegotiationError, MessageTooLarge)):  # nothing more can be understood
             self.session.close_after_reply(str(exc))

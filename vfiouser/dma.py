@@ -8,10 +8,18 @@ recorded, and data moves through DMA_READ/DMA_WRITE messages. DMA_UNMAP removes
 exactly one mapped range (or all of them with the ALL flag).
 
 Rules (errno of the error reply in brackets): a range must be non-empty, not
-wrap around 2**64 and not overlap another map (EEXIST) unless it is the very
-same range, which then replaces the old map. Unmapping a range that was not
-mapped is ENOENT. Mapping with an fd that cannot be mmapped keeps the range as
-a message-only map and logs a warning.
+wrap around 2**64 and not overlap another map (EEXIST), unless it is the very
+same range with the same rights and kind (with or without an fd), which then
+replaces the old map (QEMU maps a range again as memory regions change); with
+an fd, the fd's range must fit in a file offset and, for a file with a size
+(a memfd, a regular file), lie inside it (EINVAL). Unmapping a range that was
+not mapped is ENOENT. Mapping with an fd that cannot be mmapped keeps the
+range as a message-only map and logs a warning.
+
+What a map costs in fds: the server closes the client's fd once it has mapped
+it, but CPython's ``mmap`` keeps a duplicate of its own for as long as the
+mapping lives, so each fd-backed map holds one fd (QEMU makes a handful; the
+command line raises the process's soft fd limit to the hard one).
 
 Device DMA *pins* the maps it uses (:meth:`DmaMappings.acquire`); a transfer
 may span adjacent maps (QEMU splits RAM around the legacy VGA/BIOS hole).
@@ -27,6 +35,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 
@@ -39,6 +48,8 @@ __all__ = ["DmaRegion", "DmaMappings"]
 
 log = logging.getLogger(__name__)
 
+#: The largest offset a file may have (off_t is signed 64-bit).
+MAX_FILE_OFFSET = (1 << 63) - 1
 #: How long an unmap waits for in-place copies on its range (they take microseconds;
 #: the bound keeps a stuck worker from holding the server loop near QEMU's 5 s timeout).
 UNMAP_WAIT = 1.0
@@ -51,6 +62,8 @@ class DmaRegion:
     addr: int
     size: int
     flags: int
+    #: whether the client gave an fd with it (``mem`` is None anyway if it could not be mapped)
+    has_fd: bool = False
     mem: memoryview | None = None
     _map: mmap.mmap | None = None
     _whole: memoryview | None = None
@@ -119,9 +132,11 @@ class DmaMappings:
                 raise BadDmaRequest(f"unknown DMA_MAP flag bits {flags:#x}")
             if size == 0 or addr + size > 1 << 64:
                 raise BadDmaRequest(f"invalid DMA range [{addr:#x}, +{size:#x})")
+            if fd is not None:
+                self._check_file(fd, offset, size)
             with self._cond:
-                replace = self._check_free(addr, size)
-            region = DmaRegion(addr, size, flags)
+                replace = self._check_free(addr, size, flags, fd is not None)
+            region = DmaRegion(addr, size, flags, has_fd=fd is not None)
             if fd is not None:
                 self._mmap(region, fd, offset)
         finally:
@@ -140,14 +155,29 @@ class DmaMappings:
         log.debug("DMA map %r", region)
         return region
 
-    def _check_free(self, addr: int, size: int) -> DmaRegion | None:
-        """The region with exactly this range (to replace), or None; raises on a partial overlap."""
+    @staticmethod
+    def _check_file(fd: int, offset: int, size: int) -> None:
+        """The fd's range must be one the kernel can map, and inside the file where it has a
+        size (a regular file, a memfd): beyond its end an access would fault (SIGBUS)."""
+        if offset + size > MAX_FILE_OFFSET:
+            raise BadDmaRequest(f"DMA_MAP fd range [{offset:#x}, +{size:#x}) exceeds the largest file offset")
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise BadDmaRequest(f"DMA_MAP fd cannot be examined: {exc}", errno=errno.EBADF) from None
+        if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
+            raise BadDmaRequest(f"DMA_MAP fd range [{offset:#x}, +{size:#x}) runs past the end of its "
+                                f"{st.st_size:#x}-byte file")
+
+    def _check_free(self, addr: int, size: int, flags: int, has_fd: bool) -> DmaRegion | None:
+        """The region this map may replace (exactly the same range, rights and kind: QEMU maps
+        the same range again), or None; raises EEXIST on any other overlap."""
         i = bisect.bisect_right(self._addrs, addr) - 1
         replace = None
         for j in (i, i + 1):
             if 0 <= j < len(self._regions):
                 other = self._regions[j]
-                if other.addr == addr and other.size == size:
+                if other.addr == addr and other.size == size and other.flags == flags and other.has_fd == has_fd:
                     replace = other
                 elif other.addr < addr + size and addr < other.end:
                     raise BadDmaRequest(
@@ -180,7 +210,7 @@ class DmaMappings:
         length = -(-(region.size + slack) // align) * align
         try:
             m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset - slack)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             log.warning("cannot mmap DMA range [%#x, +%#x) (fd offset %#x): %s; using DMA messages",
                         region.addr, region.size, offset, exc)
             return

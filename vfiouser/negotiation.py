@@ -29,22 +29,31 @@ class ServerCapabilities:
     max_dma_maps: int = 65535
     write_multiple: bool = True
 
-    def json_candidates(self) -> list[str]:
-        """Compact JSON texts, most complete first; the reply uses the first that fits."""
-        full = {
+    def json_candidates(self) -> list[tuple[str, list[str]]]:
+        """Compact JSON texts with the keys each leaves out, most complete first; the reply uses
+        the first that fits. Keys go in order of need: first those whose value is what a client
+        assumes when the key is absent (the specification's defaults), then ``write_multiple``
+        (only an optimisation), then the rest, ``max_msg_fds`` last (absent, a client may
+        assume a single fd per message)."""
+        caps = {
             "max_msg_fds": self.max_msg_fds,
             "max_data_xfer_size": self.max_data_xfer_size,
             "pgsizes": self.pgsizes,
             "max_dma_maps": self.max_dma_maps,
             "write_multiple": self.write_multiple,
         }
-        order = ["max_dma_maps", "pgsizes", "write_multiple", "max_msg_fds", "max_data_xfer_size"]
+        defaults = {"max_data_xfer_size": 1 << 20, "pgsizes": 4096, "max_dma_maps": 65535, "write_multiple": False}
+
+        def need(key: str) -> int:
+            if defaults.get(key, object()) == caps[key]:
+                return 0
+            return {"write_multiple": 1, "max_msg_fds": 3}.get(key, 2)
+
+        order = sorted(caps, key=need)
         out = []
-        caps = dict(full)
-        out.append(json.dumps({"capabilities": caps}, separators=(",", ":")))
-        for key in order:
-            caps.pop(key)
-            out.append(json.dumps({"capabilities": caps}, separators=(",", ":")))
+        for n in range(len(order) + 1):
+            kept = {k: v for k, v in caps.items() if k not in order[:n]}
+            out.append((json.dumps({"capabilities": kept}, separators=(",", ":")), order[:n]))
         return out
 
 
@@ -68,8 +77,8 @@ class ClientCapabilities:
             return caps
         try:
             doc = json.loads(text)
-        except ValueError as exc:
-            raise NegotiationError(f"VERSION JSON does not parse: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # nested thousands deep: RecursionError
+            raise NegotiationError(f"VERSION JSON does not parse: {type(exc).__name__}: {str(exc)[:80]}") from None
         if not isinstance(doc, dict):
             raise NegotiationError("VERSION JSON is not an object")
         body = doc.get("capabilities", {})
@@ -101,10 +110,11 @@ class ClientCapabilities:
 
 
 def negotiate(payload: bytes | memoryview, fds: list[int], caps: ServerCapabilities
-              ) -> tuple[ClientCapabilities, bytes, int]:
+              ) -> tuple[ClientCapabilities, bytes, int, list[str]]:
     """Check a VERSION request and build the reply: ``(client capabilities, reply payload,
-    the client's minor version)``. Raises :class:`NegotiationError` for anything invalid
-    (fds attached, too short, not parseable, major version other than 0, bad JSON)."""
+    the client's minor version, the capabilities the reply had to leave out)``. Raises
+    :class:`NegotiationError` for anything invalid (fds attached, too short, not parseable,
+    major version other than 0, bad JSON)."""
     if fds:
         raise NegotiationError(f"VERSION carries {len(fds)} fd(s)")
     if len(payload) < 4:
@@ -118,9 +128,10 @@ def negotiate(payload: bytes | memoryview, fds: list[int], caps: ServerCapabilit
     client = ClientCapabilities.from_json(req.json)
     limit = HEADER_SIZE + len(payload)  # QEMU reads the reply into its request buffer
     reply = Version.build(dict(major=0, minor=0, json=None))
-    for text in caps.json_candidates():
+    omitted = list(caps.json_candidates()[-1][1])
+    for text, left_out in caps.json_candidates():
         candidate = Version.build(dict(major=0, minor=0, json=text))
         if HEADER_SIZE + len(candidate) <= limit:
-            reply = candidate
+            reply, omitted = candidate, left_out
             break
-    return client, reply, req.minor
+    return client, reply, req.minor, omitted

@@ -14,10 +14,11 @@ not fit that rule (a peer sending fds mid-message) are closed and logged.
 
 A header whose ``msg_size`` is below 16 cannot be framed: the messages before
 it are still returned, and :attr:`Transport.framing_error` is set (the caller
-answers and drops the connection); the next :meth:`Transport.receive` raises it. A message larger than
-``max_msg_size`` is skipped without being buffered and reported as an
-*oversized* frame (its payload is ``None``), so the caller can answer it with
-an error and go on.
+answers and drops the connection); the next :meth:`Transport.receive` raises it.
+A message larger than ``max_msg_size`` is reported as an *oversized* frame (its
+payload is ``None``) so the caller can answer it with an error, and nothing
+after it is read: its size cannot be trusted (a peer may announce 4 GiB and
+send nothing), so the caller ends the connection (:attr:`Transport.abandoned`).
 
 Every fd the transport received and did not hand over in a frame is closed by
 :meth:`Transport.close`; fds in frames belong to the caller.
@@ -56,7 +57,7 @@ _JOIN_MAX = 16 * 1024
 
 
 class Frame(NamedTuple):
-    """One received message. ``payload`` is ``None`` for an oversized, skipped message;
+    """One received message. ``payload`` is ``None`` for an oversized message;
     otherwise a memoryview valid until the next :meth:`Transport.receive`."""
 
     msg_id: int
@@ -125,7 +126,8 @@ class Transport:
         self._start = 0  # first byte of the message being assembled
         self._end = 0  # end of the received bytes
         self._base = 0  # stream offset of _buf[0]
-        self._discard = 0  # bytes still to skip of an oversized message
+        #: set once a message larger than max_msg_size arrived: nothing after it is read
+        self.abandoned = False
         # (first stream offset, end stream offset, fds) of receives that carried fds
         self._fd_chunks: deque[tuple[int, int, list[int]]] = deque()
         self._send_lock = threading.Lock()
@@ -147,6 +149,8 @@ class Transport:
         """
         if self.framing_error is not None:
             raise self.framing_error
+        if self.abandoned:
+            raise ConnectionClosed("the stream was abandoned after an oversized message")
         self._make_room()
         try:
             n, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._view[self._end :]], _ANCBUF,
@@ -206,11 +210,7 @@ class Transport:
     def _frames(self) -> list[Frame]:
         frames: list[Frame] = []
         buf = self._buf
-        if self._discard:
-            skip = min(self._discard, self._end - self._start)
-            self._discard -= skip
-            self._start += skip
-        while self._end - self._start >= HEADER_SIZE:
+        while self._end - self._start >= HEADER_SIZE and not self.abandoned:
             start = self._start
             msg_id, cmd, size, flags, error_no = HEADER.unpack_from(buf, start)
             if size < HEADER_SIZE:
@@ -222,12 +222,12 @@ class Transport:
             stream_start = self._base + start
             fds = self._fds_for(stream_start, size) if self._fd_chunks else []
             if size > self.max_msg_size:
-                available = self._end - start
-                skip = min(size, available)
-                self._discard = size - skip
-                self._start += skip
+                # Reading on would mean trusting a size up to 4 GiB: hand over the header for
+                # its error reply and read no further (the caller ends the connection).
+                self.abandoned = True
+                self._start = self._end
                 frames.append(Frame(msg_id, cmd, size, flags, error_no, None, fds))
-                continue
+                break
             if self._end - start < size:
                 if fds:  # not complete yet: keep its fds for next time
                     self._fd_chunks.appendleft((stream_start, stream_start + 1, fds))
