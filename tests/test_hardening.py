@@ -144,3 +144,117 @@ def test_a_short_version_request_still_gets_max_msg_fds(serve, caplog):
     assert caps["max_msg_fds"] == 16 and "max_data_xfer_size" not in caps  # 1 MiB is what absence means
     assert "VERSION reply leaves out" in caplog.text
     c.close()
+
+
+# 2. fds attached to fragments of an unfinished message piled up until accept() spun.
+
+def test_fds_sent_with_fragments_of_a_message_are_closed_at_once(client):
+    from .conftest import open_fds
+
+    before = open_fds()
+    header = Layout.HEADER.pack(client.next_id(), Command.REGION_WRITE, 16 + (512 << 10), 0, 0)
+    client.send_raw(header)
+    for _ in range(60):  # 1-byte fragments of its body, each carrying 16 fds
+        fds = [eventfd() for _ in range(16)]
+        client.send_raw(b"\0", fds)
+        for fd in fds:
+            os.close(fd)
+    # The first fragment's fds may arrive in the same read as the header, and then belong to the
+    # message (fds travel with a message's first bytes); no other fragment's may stay.
+    deadline = time.monotonic() + 2
+    while len(open_fds() - before) > 16 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(open_fds() - before) <= 16, "the server holds fds sent with message fragments"
+
+
+def child_server(tmp_path, nofile: int):
+    """``vfiouser serve idio16`` in a child process whose fd limit is ``nofile``."""
+    import subprocess
+    import sys
+
+    sock = str(tmp_path / "s.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", sock],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    assert proc.stdout.readline().startswith("-device")
+    return proc, sock
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_child(proc) -> str:
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    return err
+
+
+def test_out_of_fds_the_server_neither_spins_nor_floods_its_log(tmp_path):
+    proc, sock = child_server(tmp_path, nofile=48)
+    conns = []
+    try:
+        for _ in range(80):  # far more connections than the server has fds for
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sock)
+            conns.append(s)
+        time.sleep(0.3)
+        before = proc_cpu_seconds(proc.pid)
+        time.sleep(1.0)
+        assert proc_cpu_seconds(proc.pid) - before < 0.3, "the server spins on accept()"
+        for s in conns:
+            s.close()
+        conns.clear()
+        time.sleep(0.3)
+        with Client.connect(sock) as c:  # fds came back: served again
+            assert c.config_read(0) == 0x0DC8494F
+    finally:
+        for s in conns:
+            s.close()
+        err = stop_child(proc)
+    assert 1 <= err.count("out of file descriptors") <= 2
+
+
+# 3. Interrupts were silently lost when fds ran out: the message now gets an error reply.
+
+def test_a_message_whose_fds_could_not_arrive_gets_an_error_reply(tmp_path):
+    from vfiouser.errors import ErrorReply
+
+    proc, sock = child_server(tmp_path, nofile=40)
+    flood = []
+    try:
+        with Client.connect(sock) as c:
+            for _ in range(60):  # second clients, each holding one of the server's fds for a while
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sock)
+                flood.append(s)
+            time.sleep(0.3)
+            fd = eventfd()
+            with pytest.raises(ErrorReply) as exc:  # never a success reply that loses the interrupt
+                c.set_irqs(IrqIndex.INTX, EVENTFD_TRIGGER, 0, 1, fds=[fd])
+            assert exc.value.errno == errno.EMFILE
+            os.close(fd)
+            for s in flood:
+                s.close()
+            flood.clear()
+            assert c.config_read(0) == 0x0DC8494F
+    finally:
+        for s in flood:
+            s.close()
+        err = stop_child(proc)
+    assert "control data truncated" in err
+
+
+# 11. A client reconnecting right after an abrupt close got EBUSY.
+
+def test_a_client_reconnecting_right_after_an_abrupt_close_is_served(serve):
+    server = serve(ProbeDevice())
+    for _ in range(100):
+        c = Client.connect(server.path)
+        c.transport.sock.close()  # gone without a word
+        with Client.connect(server.path) as again:  # at once: no EBUSY
+            alive(again)

@@ -36,7 +36,7 @@ from .errors import MalformedMessage, MessageTooLarge, NegotiationError, Protoco
     UnsupportedCommand
 from .protocol import HEADER, HEADER_SIZE, MESSAGES, REGION_ACCESS, Command, MsgFlags, MsgType, command_name, \
     describe
-from .transport import close_fds
+from .transport import LostFds, close_fds
 
 __all__ = ["Dispatcher"]
 
@@ -145,6 +145,8 @@ class Dispatcher:
                 raise MalformedMessage(f"unknown message type {mtype} in flags {flags:#x}")
             if payload is None:
                 raise MessageTooLarge(f"{msg_size}-byte message exceeds the {self.session.max_msg_size}-byte limit")
+            if type(fds) is LostFds:
+                raise MalformedMessage("the fds sent with this message did not all arrive", errno=errno.EMFILE)
             handler = self.table.get(cmd)
             if handler is None:
                 raise UnknownCommand(f"unknown command {cmd}")

@@ -19,7 +19,8 @@ range as a message-only map and logs a warning.
 What a map costs in fds: the server closes the client's fd once it has mapped
 it, but CPython's ``mmap`` keeps a duplicate of its own for as long as the
 mapping lives, so each fd-backed map holds one fd (QEMU makes a handful; the
-command line raises the process's soft fd limit to the hard one).
+command line raises the process's soft fd limit to the hard one); a session
+keeps at most ``MAX_FD_MAPS`` of them (ENOSPC beyond).
 
 Device DMA *pins* the maps it uses (:meth:`DmaMappings.acquire`); a transfer
 may span adjacent maps (QEMU splits RAM around the legacy VGA/BIOS hole).
@@ -48,6 +49,8 @@ __all__ = ["DmaRegion", "DmaMappings"]
 
 log = logging.getLogger(__name__)
 
+#: Most maps with an fd a session keeps (each holds one fd; QEMU makes a handful).
+MAX_FD_MAPS = 1024
 #: The largest offset a file may have (off_t is signed 64-bit).
 MAX_FILE_OFFSET = (1 << 63) - 1
 #: How long an unmap waits for in-place copies on its range (they take microseconds;
@@ -186,6 +189,9 @@ class DmaMappings:
                     )
         if replace is None and len(self._regions) >= self.max_maps:
             raise BadDmaRequest(f"too many DMA maps (max {self.max_maps})", errno=errno.ENOSPC)
+        if replace is None and has_fd and sum(r.has_fd for r in self._regions) >= MAX_FD_MAPS:
+            raise BadDmaRequest(f"too many DMA maps with an fd (max {MAX_FD_MAPS}: each holds one)",
+                                errno=errno.ENOSPC)
         return replace
 
     @staticmethod

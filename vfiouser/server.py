@@ -41,6 +41,7 @@ from .negotiation import ServerCapabilities
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
 from .regions import RegionTable
 from .session import Session
+from .transport import wait_readable
 
 __all__ = ["Server", "SocketInUse", "serve_in_thread"]
 
@@ -166,6 +167,10 @@ class Server:
         self._stopping = False
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # An fd kept in reserve: with none left, accept() fails with EMFILE and the pending
+        # connection stays in the backlog, so epoll reports it at once, for ever (see _shed).
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._last_shed = -1e9
         _prepare_path(self.path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -281,7 +286,9 @@ class Server:
                 pass
             obj.close()
         self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._reserve_fd):
+            if fd < 0:
+                continue
             os.close(fd)
         try:
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
@@ -311,8 +318,12 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.error("accept failed: %s", exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._shed(listener, exc)
+            else:
+                log.error("accept failed: %s", exc)
             return
+        self._reap_gone_session()
         if self.session is not None:
             log.warning("a second client connected while %s is served; answering EBUSY", self.session.name)
             conn.setblocking(False)
@@ -323,11 +334,14 @@ class Server:
                 raise
             self._busy[conn] = (time.monotonic() + BUSY_CLIENT_DEADLINE, bytearray())
             return
+        self._start_session(conn)
+
+    def _start_session(self, conn, initial: bytes = b"") -> None:
         self.sessions_served += 1
         name = f"client{self.sessions_served}"
         log.info("%s connected", name)
         session = Session(conn, self.port, regions=self.regions, name=name, caps=self.caps, tracer=self.tracer,
-                          watch=self._watch, unwatch=self._unwatch)
+                          watch=self._watch, unwatch=self._unwatch, initial=initial)
         try:
             self._sel.register(conn, self._on_session)
         except Exception:  # nothing of it is left behind; the next client gets a clean start
@@ -359,8 +373,38 @@ class Server:
             self._idle.set()
         log.info("%s gone; its fds and DMA mappings are released, waiting for the next client", session.name)
 
+    def _reap_gone_session(self) -> None:
+        """End the session now if its client is gone but its end of stream is still unread (a
+        client that reconnects right after an abrupt close must be served, not told EBUSY)."""
+        for _ in range(16):  # a few reads: what the client sent before it left comes first
+            session = self.session
+            if session is None or not wait_readable(session.transport.sock, 0):
+                return
+            self._on_session(session.transport.sock)
+
+    def _shed(self, listener, exc: OSError) -> None:
+        """No fd left to accept with: accept on the reserve fd and hang up at once, so the
+        pending connection leaves the backlog and the loop does not spin on it."""
+        now = time.monotonic()
+        if now - self._last_shed >= 10.0:
+            log.error("accept failed (%s): out of file descriptors; refusing connections until some are freed",
+                      exc)
+            self._last_shed = now
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+        try:
+            listener.accept()[0].close()
+        except OSError:
+            pass
+        try:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._reserve_fd = -1
+
     def _on_busy_client(self, conn) -> None:
-        """Answer the first message of a client that came while another is served, then drop it."""
+        """Answer the first message of a client that came while another is served, then drop it;
+        serve it instead if the other client turns out to be gone."""
         buf = self._busy[conn][1]
         try:
             data = conn.recv(HEADER_SIZE - len(buf))
@@ -368,6 +412,13 @@ class Server:
             return
         except OSError:
             data = b""
+        self._reap_gone_session()
+        if data and self.session is None:  # the other one left: this one is a client like any
+            self._busy.pop(conn, None)
+            self._sel.unregister(conn)
+            self._start_session(conn, bytes(buf + data))
+            self._on_session(conn)  # what it sent so far may be a whole message already
+            return
         if data and len(buf) + len(data) < HEADER_SIZE:
             buf += data
             return  # wait for a whole header (or the deadline)

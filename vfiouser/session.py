@@ -66,13 +66,15 @@ class ClientLog(logging.LoggerAdapter):
 class Session:
     """Serves one client connection for a :class:`~vfiouser.devices.port.DevicePort`.
 
-    ``regions`` is the port's :class:`RegionTable` (the server builds it once).
+    ``regions`` is the port's :class:`RegionTable` (the server builds it once); ``initial``
+    bytes the server read from the socket before the session existed.
     ``watch(fd, callback)`` / ``unwatch(fd)`` let the session ask the server loop
     to poll extra fds (the INTx resample eventfd).
     """
 
     def __init__(self, sock, port: DevicePort, *, regions: RegionTable | None = None, name: str = "session",
-                 caps: ServerCapabilities | None = None, tracer=None, watch=None, unwatch=None) -> None:
+                 caps: ServerCapabilities | None = None, tracer=None, watch=None, unwatch=None,
+                 initial: bytes = b"") -> None:
         self.name = name
         self.log = ClientLog(log, {"client": name})
         self.port = port
@@ -82,7 +84,7 @@ class Session:
         self.state = SessionState.NEGOTIATING
         #: largest message accepted: max_data_xfer_size of data plus headers (WRITE_MULTI is smaller)
         self.max_msg_size = self.caps.max_data_xfer_size + 4096
-        self.transport = Transport(sock, max_msg_size=self.max_msg_size, log=self.log)
+        self.transport = Transport(sock, max_msg_size=self.max_msg_size, log=self.log, initial=initial)
         self.outbox = Outbox(self.transport, self.log, tracer)
         watch = watch or (lambda fd, callback: None)
         self.irqs = IrqState(port.irq_counts, watch=lambda fd: watch(fd, self.irqs.resampled),

@@ -38,12 +38,14 @@ from typing import NamedTuple
 from .errors import ConnectionClosed, FramingError
 from .protocol import HEADER, HEADER_SIZE
 
-__all__ = ["Transport", "Frame", "MAX_FDS_PER_MESSAGE", "close_fds", "wait_readable"]
+__all__ = ["Transport", "Frame", "LostFds", "MAX_FDS_PER_MESSAGE", "MAX_HELD_FDS", "close_fds", "wait_readable"]
 
 _log = logging.getLogger(__name__)
 
 #: Most fds accepted in one receive (the kernel's SCM_MAX_FD).
 MAX_FDS_PER_MESSAGE = 253
+#: Most fds held for messages not complete yet (a message carries at most max_msg_fds, 16).
+MAX_HELD_FDS = 64
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 # Plain ints: ``int & socket.MSG_CTRUNC`` goes through IntFlag.__rand__ (about 0.4 us a call).
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -54,6 +56,15 @@ _SEND_TIMEOUT = 10.0
 _IOV_GROUP = 512
 #: Replies up to this many bytes in all are joined into one buffer and sent with send().
 _JOIN_MAX = 16 * 1024
+
+
+class LostFds(list):
+    """The fds of a message that did not all arrive (the kernel truncated them, or the session
+    held too many): empty, yet true, so no path mistakes it for "no fds"; such a message is
+    refused (EMFILE)."""
+
+    def __bool__(self) -> bool:
+        return True
 
 
 class Frame(NamedTuple):
@@ -114,7 +125,8 @@ def close_fds(fds) -> None:
 class Transport:
     """Framing and fd passing on a connected AF_UNIX stream socket (made non-blocking)."""
 
-    def __init__(self, sock: socket.socket, *, max_msg_size: int = (1 << 20) + 4096, log=None) -> None:
+    def __init__(self, sock: socket.socket, *, max_msg_size: int = (1 << 20) + 4096, log=None,
+                 initial: bytes = b"") -> None:
         self.sock = sock
         sock.setblocking(False)
         self.max_msg_size = max_msg_size
@@ -128,6 +140,10 @@ class Transport:
         self._base = 0  # stream offset of _buf[0]
         #: set once a message larger than max_msg_size arrived: nothing after it is read
         self.abandoned = False
+        self._complaints = 0
+        if initial:  # bytes read from the socket before this transport existed
+            self._buf[: len(initial)] = initial
+            self._end = len(initial)
         # (first stream offset, end stream offset, fds) of receives that carried fds
         self._fd_chunks: deque[tuple[int, int, list[int]]] = deque()
         self._send_lock = threading.Lock()
@@ -156,25 +172,57 @@ class Transport:
             n, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._view[self._end :]], _ANCBUF,
                                                               _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            return []
+            return self._frames()  # nothing new; bytes given at construction may still hold messages
         except OSError as exc:
             raise ConnectionClosed(f"receive failed: {exc}") from exc
+        fds = None
         if ancdata or msg_flags & _MSG_CTRUNC:
             fds = self._collect_fds(ancdata)
-            if msg_flags & _MSG_CTRUNC:
-                self.log.error("control data truncated: the peer sent more fds than %d; closing them",
-                               MAX_FDS_PER_MESSAGE)
+            if msg_flags & _MSG_CTRUNC:  # out of fds (or more than SCM_MAX_FD): some never arrived
+                self._complain("control data truncated (no fds left, or more than %d sent): the message "
+                               "they came with is refused", MAX_FDS_PER_MESSAGE)
                 close_fds(fds)
-                fds = []
-            if fds and n:
-                chunk_start = self._base + self._end
-                self._fd_chunks.append((chunk_start, chunk_start + n, fds))
-            elif fds:
-                close_fds(fds)
+                fds = LostFds()
         if n == 0:
+            if fds:
+                close_fds(fds)
             raise ConnectionClosed("peer closed the connection")
         self._end += n
+        if fds:
+            self._keep_fds(self._base + self._end - n, self._base + self._end, fds)
         return self._frames()
+
+    def _keep_fds(self, c0: int, c1: int, fds: list[int]) -> None:
+        """Keep the fds of the bytes ``[c0, c1)`` for the message that starts there; close them at
+        once if no message starts there (sent with a fragment), or if the session holds too many."""
+        if not self._message_starts_in(c0, c1):
+            self._complain("%d fd(s) arrived in the middle of a message; closed", len(fds))
+            close_fds(fds)
+            return
+        if len(fds) + sum(len(f) for _, _, f in self._fd_chunks) > MAX_HELD_FDS:
+            self._complain("more than %d fds waiting for their messages; the message they came with is refused",
+                           MAX_HELD_FDS)
+            close_fds(fds)
+            fds = LostFds()
+        self._fd_chunks.append((c0, c1, fds))
+
+    def _message_starts_in(self, c0: int, c1: int) -> bool:
+        """Whether a message starts in the stream bytes ``[c0, c1)`` (just received)."""
+        pos = self._base + self._start  # the first message not framed yet
+        while pos < c0:
+            at = pos - self._base
+            if at + HEADER_SIZE > self._end:
+                return False  # a header still incomplete: the next message starts after these bytes
+            size = HEADER.unpack_from(self._buf, at)[2]
+            if size < HEADER_SIZE:
+                return True  # unframeable: the connection ends anyway
+            pos += size
+        return pos < c1
+
+    def _complain(self, message: str, *args) -> None:
+        """Log a peer's misbehaviour: at ERROR the first time, then at DEBUG (never a flood)."""
+        self._complaints += 1
+        self.log.log(logging.ERROR if self._complaints == 1 else logging.DEBUG, message, *args)
 
     @staticmethod
     def _collect_fds(ancdata) -> list[int]:
@@ -238,22 +286,28 @@ class Transport:
         return frames
 
     def _fds_for(self, stream_start: int, size: int) -> list[int]:
-        """The fds that belong to the message starting at ``stream_start``."""
+        """The fds that belong to the message starting at ``stream_start`` (a :class:`LostFds`
+        if some of them never arrived)."""
         got: list[int] = []
+        lost = False
         chunks = self._fd_chunks
         while chunks:
             c0, c1, fds = chunks[0]
             if stream_start >= c1:
                 # No message started in that receive: fds sent in the middle of a message.
                 chunks.popleft()
-                self.log.error("%d fd(s) arrived without a message start; closing them", len(fds))
+                self._complain("%d fd(s) arrived without a message start; closed", len(fds))
                 close_fds(fds)
                 continue
             if c0 <= stream_start and stream_start + size >= c1:
                 chunks.popleft()
+                lost = lost or isinstance(fds, LostFds)
                 got.extend(fds)
                 continue
             break
+        if lost:
+            close_fds(got)
+            return LostFds()
         return got
 
     # -- sending -----------------------------------------------------------------
