@@ -459,9 +459,10 @@ def test_a_task_that_outlives_a_power_cycle_cannot_touch_the_next_vm(serve, monk
     monkeypatch.setattr(device_module, "COLD_RESET_WAIT", 0.1)
     dev = ProbeDevice()
     server = serve(dev)
-    release, outcome = threading.Event(), []
+    started, release, outcome = threading.Event(), threading.Event(), []
 
     def stuck_then_late():
+        started.set()
         release.wait(5)
         try:
             dev.dma.write(0x0, b"OLD-VM-DATA")
@@ -473,6 +474,7 @@ def test_a_task_that_outlives_a_power_cycle_cannot_touch_the_next_vm(serve, monk
     with Client.connect(server.path) as first:
         first.bring_up()
         dev.defer(stuck_then_late)
+        assert started.wait(5)  # running (a task not started yet would simply be dropped)
     assert server.wait_idle(5)
     fd = os.memfd_create("ram", os.MFD_CLOEXEC)
     os.ftruncate(fd, 0x1000)
