@@ -258,3 +258,47 @@ def test_a_client_reconnecting_right_after_an_abrupt_close_is_served(serve):
         c.transport.sock.close()  # gone without a word
         with Client.connect(server.path) as again:  # at once: no EBUSY
             alive(again)
+
+
+# 12. virtio-rng trusted descriptor lengths: a 256 MiB writable descriptor (32 KiB mapped) took
+#     RSS from 23 MB to 536 MB before failing.
+
+def test_virtio_rng_never_produces_more_than_a_bounded_request_nor_for_unmapped_memory(serve):
+    import mmap
+    import struct
+
+    from vfiouser.devices.virtio.rng import MAX_REQUEST, VirtioRng, entropy_stream
+
+    from .test_virtio import BUFS, RAM, RAM_SIZE, Driver
+
+    dev = VirtioRng(seed=7)
+    server = serve(dev)
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, RAM_SIZE)
+    ram = mmap.mmap(fd, RAM_SIZE)
+    with Client.connect(server.path) as c:
+        c.bring_up()
+        c.dma_map(RAM, RAM_SIZE, 3, fd=os.dup(fd))
+        drv = Driver(c, ram)
+        drv.negotiate(1 << 32)
+        drv.setup_queue(vector=0xFFFF)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        drv.offer(0, BUFS, 256 << 20)  # claims 256 MiB, of which ~1 MiB is guest RAM
+        drv.kick()
+        deadline = time.monotonic() + 5
+        while drv.used_idx() != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert drv.used(0) == (0, MAX_REQUEST) and dev.produced == MAX_REQUEST
+        assert ram[BUFS : BUFS + 64] == entropy_stream(7, 64)
+        struct.pack_into("<QIHH", ram, 16, 0x4000_0000, 4096, 2, 0)  # a buffer outside guest RAM
+        struct.pack_into("<H", ram, 0x1000 + 4 + 2, 1)
+        struct.pack_into("<H", ram, 0x1000 + 2, 2)
+        drv.kick()
+        deadline = time.monotonic() + 5
+        while drv.used_idx() != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert drv.used(1) == (1, 0) and dev.produced == MAX_REQUEST  # returned empty
+        growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+        assert growth_kib < 32 * 1024
+    ram.close()
+    os.close(fd)

@@ -127,6 +127,11 @@ class Dma:
             raise DmaBusMasterDisabled("bus mastering is disabled (command register bit 2)", addr, size)
         return not (device.lock._is_owned() or device.worker.held_here())
 
+    def mapped(self, addr: int, size: int, write: bool = False) -> list[tuple[int, int]]:
+        """The parts of ``[addr, addr+size)`` guest memory has for this direction, as
+        ``(addr, size)`` in order (all of it: ``[(addr, size)]``)."""
+        return self.backend.mapped(addr, size, write)
+
     def in_place(self, addr: int, size: int, write: bool = False) -> bool:
         """Whether ``[addr, addr+size)`` is reachable without a message to the client (so a
         register handler may move it itself); False while no client is attached."""

@@ -9,7 +9,10 @@ The bytes come from :class:`EntropySource`: the operating system's random
 generator by default, or, with ``seed=N``, a reproducible stream (counter-mode
 SHA-256 of the seed) that does not depend on how the driver slices its reads,
 so a test can predict exactly what the guest reads (:func:`entropy_stream`).
-:attr:`VirtioRng.produced` counts what was handed out.
+:attr:`VirtioRng.produced` counts what was handed out. One buffer gets at most
+64 KiB (:data:`MAX_REQUEST`; the used length tells the driver how much), and a
+buffer the driver did not map for writing is returned empty, so a descriptor
+that claims 256 MiB costs nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ class EntropySource:
         return data
 
 
+#: Most bytes produced for one buffer (what Linux's virtio_rng asks for is far less).
+MAX_REQUEST = 64 * 1024
+
+
+def _first_bytes(segments: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """The first ``limit`` bytes of a scatter-gather list."""
+    out = []
+    for addr, size in segments:
+        if limit <= 0:
+            break
+        out.append((addr, min(size, limit)))
+        limit -= size
+    return out
+
+
 class VirtioRng(VirtioPciDevice):
     """virtio-rng over modern virtio-pci. ``seed``: make the byte stream reproducible."""
 
@@ -77,8 +95,17 @@ class VirtioRng(VirtioPciDevice):
             chain = queue.pop()
             if chain is None:
                 break
-            data = self.source.take(chain.writable_size)
-            self.dma.write_sg(chain.writable, data)
+            # The driver says how much it wants; the device may give less (the used length says
+            # how much), so one buffer costs at most MAX_REQUEST, whatever its descriptors claim,
+            # and nothing is produced for memory the driver did not map.
+            segments = _first_bytes(chain.writable, MAX_REQUEST)
+            if all(self.dma.mapped(addr, size, write=True) == [(addr, size)] for addr, size in segments):
+                data = self.source.take(sum(size for _, size in segments))
+                self.dma.write_sg(segments, data)
+            else:
+                self.log.warning("queue %d: a buffer the driver did not map for writing; returned empty",
+                                 queue.index)
+                data = b""
             with self.lock:
                 if generation != self.generation:
                     return  # reset meanwhile: the buffers are no longer ours
