@@ -161,10 +161,19 @@ def test_fds_sent_with_fragments_of_a_message_are_closed_at_once(client):
             os.close(fd)
     # The first fragment's fds may arrive in the same read as the header, and then belong to the
     # message (fds travel with a message's first bytes); no other fragment's may stay.
+    def held_eventfds() -> int:
+        kinds = []
+        for fd in open_fds() - before:
+            try:
+                kinds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                pass
+        return kinds.count("anon_inode:[eventfd]")
+
     deadline = time.monotonic() + 2
-    while len(open_fds() - before) > 16 and time.monotonic() < deadline:
+    while held_eventfds() > 16 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(open_fds() - before) <= 16, "the server holds fds sent with message fragments"
+    assert held_eventfds() <= 16, "the server holds fds sent with message fragments"
 
 
 def child_server(tmp_path, nofile: int):
@@ -302,3 +311,81 @@ def test_virtio_rng_never_produces_more_than_a_bounded_request_nor_for_unmapped_
         assert growth_kib < 32 * 1024
     ram.close()
     os.close(fd)
+
+
+# 6. A deferred task that never returned silently stopped all later deferred work of its device.
+
+def test_a_deferred_task_that_does_not_return_is_reported(caplog):
+    import threading
+
+    dev = ProbeDevice()
+    dev.worker.stall_after = 0.2
+    release, ran = threading.Event(), []
+    dev.defer(release.wait, 10)
+    dev.defer(ran.append, "later")
+    deadline = time.monotonic() + 5
+    while dev.worker.stalled is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dev.worker.stalled is not None and dev.worker.stalled[1] >= 0.2
+    assert "has run for" in caplog.text and ran == []  # the later task waits behind it
+    release.set()
+    assert dev.worker.wait_idle(5) and ran == ["later"]
+    deadline = time.monotonic() + 2
+    while dev.worker.stalled is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dev.worker.stalled is None and dev.worker.stalls == 1 and "finished after" in caplog.text
+    dev.worker.stop()
+
+
+# 5. A model raising SystemExit, KeyboardInterrupt, GeneratorExit (any BaseException) ended the server.
+
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_any_exception_in_a_model_becomes_an_error_reply(serve, caplog, exc):
+    from vfiouser.iomgr import DeviceIo
+
+    class Raises(DeviceIo):
+        def read(self, base, offset, data):
+            raise exc("from the model")
+
+    dev = ProbeDevice()
+    dev.bars[0].unmap(0x800)
+    dev.bars[0].map(Raises(), 0x800, 0x10)
+    server = serve(dev)
+    with Client.connect(server.path) as c:
+        c.bring_up()
+        msg_id = c.send(Command.REGION_READ, Layout.REGION_ACCESS.pack(0x800, 0, 4))
+        reply = c.receive(timeout=5)
+        assert reply.msg_id == msg_id and reply.is_error and reply.error_no == errno.EIO
+        alive(c)
+        ran = []
+        dev.defer(lambda: (_ for _ in ()).throw(exc("from a task")))  # and in deferred work
+        dev.defer(ran.append, "next")
+        assert dev.worker.wait_idle(5) and ran == ["next"]
+    assert exc.__name__ in caplog.text
+
+
+# 10. Memory grew with distinct unclaimed accesses (the set of offsets already warned about).
+
+def test_unclaimed_accesses_are_remembered_in_bounded_memory(caplog):
+    import logging
+
+    from vfiouser.devices.pci import MemoryBar, PciDevice
+    from vfiouser.devices.pci.device import _UNCLAIMED_MEMORY
+
+    from .conftest import served
+
+    class Hollow(PciDevice):  # a 1 MiB BAR and no handler at all
+        vendor_id, device_id = 0x1234, 0x0005
+
+        def __init__(self):
+            super().__init__()
+            self.add_bar(0, MemoryBar(1 << 20))
+
+    dev = Hollow()
+    port = served(dev)
+    caplog.set_level(logging.WARNING)
+    buf = bytearray(4)
+    for offset in range(0, 4 * 5000, 4):  # 5,000 distinct unclaimed offsets
+        port.region_read(0, offset, buf)
+    assert len(dev._unclaimed_seen) <= _UNCLAIMED_MEMORY
+    assert caplog.text.count("unclaimed") == _UNCLAIMED_MEMORY  # a warning each, up to the bound

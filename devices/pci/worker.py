@@ -10,7 +10,10 @@ dispatches and *releases* it after replying), and after an optional delay.
 
 Tasks run without the device lock; they take ``device.lock`` around the
 register state they touch. An exception in a task is logged and the worker
-goes on.
+goes on. A task must return: the device's later tasks wait behind it. One that
+runs longer than :attr:`DeviceWorker.stall_after` seconds is reported (a
+warning, and :attr:`DeviceWorker.stalled` while it lasts) by a watchdog
+thread that sleeps whenever no task runs.
 """
 
 from __future__ import annotations
@@ -31,8 +34,19 @@ log = logging.getLogger(__name__)
 class DeviceWorker:
     """One thread that runs deferred tasks in order (started on first use)."""
 
+    #: Seconds a task may run before it is reported as stalling the worker.
+    stall_after: float = 5.0
+
     def __init__(self, name: str = "device") -> None:
         self.name = name
+        #: ``(task, seconds it had run)`` while a task runs past :attr:`stall_after`, else None
+        self.stalled: tuple[object, float] | None = None
+        #: how many tasks stalled so far
+        self.stalls = 0
+        self._task: tuple[int, float, object] | None = None  # (sequence, start, fn) of the running task
+        self._task_seq = 0
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_idle = False
         self._cond = threading.Condition()
         self._tasks: list[tuple[float, int, int, object, tuple]] = []  # heap of (due, seq, epoch, fn, args)
         self._held: list[tuple[float, int, object, tuple]] = []
@@ -64,6 +78,9 @@ class DeviceWorker:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
             self._thread.start()
+        if self._watchdog is None or not self._watchdog.is_alive():
+            self._watchdog = threading.Thread(target=self._watch, name=f"{self.name}-watchdog", daemon=True)
+            self._watchdog.start()
         self._cond.notify_all()
 
     def hold(self) -> None:
@@ -110,6 +127,10 @@ class DeviceWorker:
                             continue  # from before a reset
                         self._running_epoch = epoch
                         self._busy = True
+                        self._task_seq += 1
+                        self._task = (self._task_seq, time.monotonic(), fn)
+                        if self._watchdog_idle:
+                            self._cond.notify_all()
                         break
                     self._cond.wait(self._tasks[0][0] - now if self._tasks else None)
             try:
@@ -119,7 +140,33 @@ class DeviceWorker:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._task = None
                     self._cond.notify_all()
+
+    def _watch(self) -> None:
+        """Report a task that runs past :attr:`stall_after` (and when it ends at last)."""
+        with self._cond:
+            while not self._stopping:
+                if self._task is None:
+                    self._watchdog_idle = True
+                    self._cond.wait()
+                    self._watchdog_idle = False
+                    continue
+                seq, started, fn = self._task
+                left = started + self.stall_after - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.stalled = (fn, time.monotonic() - started)
+                self.stalls += 1
+                log.warning("deferred task %r of %s has run for %.1f s: the device's later deferred work waits "
+                            "for it (a task must return; wait with a timeout, never for ever)",
+                            fn, self.name, self.stalled[1])
+                while self._task is not None and self._task[0] == seq and not self._stopping:
+                    self._cond.wait()
+                log.warning("deferred task %r of %s finished after %.1f s", fn, self.name,
+                            time.monotonic() - started)
+                self.stalled = None
 
     def idle(self) -> bool:
         """No task queued, held or running."""
