@@ -389,3 +389,37 @@ def test_unclaimed_accesses_are_remembered_in_bounded_memory(caplog):
         port.region_read(0, offset, buf)
     assert len(dev._unclaimed_seen) <= _UNCLAIMED_MEMORY
     assert caplog.text.count("unclaimed") == _UNCLAIMED_MEMORY  # a warning each, up to the bound
+
+
+# 16. A handler stuck in a loop could not be stopped: SIGINT and SIGTERM only logged again.
+# 17. A handler slower than QEMU's 5 s timeout broke the device silently.
+
+@pytest.mark.parametrize("second_signal", [True, False], ids=["second-signal", "grace-period"])
+def test_a_server_stuck_in_a_handler_still_stops_and_says_why(tmp_path, second_signal):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sock = str(tmp_path / "stuck.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "tests.stuck_device:StuckDevice",
+                             "--socket", sock], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("-device")
+        c = Client.connect(sock)
+        c.send(Command.REGION_READ, Layout.REGION_ACCESS.pack(0xFC, 7, 4))  # never answered
+        time.sleep(2.6)  # past the watchdog's 2 s
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        if second_signal:
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.communicate(timeout=10)[1]
+    assert took < (2 if second_signal else 7) and not os.path.exists(sock)
+    assert "x-msg-timeout" in err and "exiting now" in err
+    c.close()

@@ -3,7 +3,10 @@
 ``<device>`` is a built-in name (``vfiouser devices`` lists them) or
 ``package.module:Class``. Once the socket listens, the exact QEMU ``-device``
 argument is printed on standard output (one line, flushed), so a script can
-wait for it. SIGINT and SIGTERM stop the server cleanly and remove the socket.
+wait for it. SIGINT and SIGTERM stop the server cleanly and remove the socket;
+a server that has not stopped 5 s later (a device model stuck in a handler),
+or a second signal, ends the process at once, socket removed. The soft limit
+on open fds is raised to the hard one (each fd-backed DMA map holds one).
 
 ``-v`` logs every decoded message, ``--trace FILE`` records every message as
 JSON lines (see :mod:`vfiouser.trace`).
@@ -14,8 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
+import stat
 import sys
+import threading
 
 from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device
 
@@ -26,6 +32,9 @@ from .trace import Tracer
 __all__ = ["main"]
 
 log = logging.getLogger("vfiouser.cli")
+
+#: Seconds the server may take to stop after SIGINT/SIGTERM before the process exits anyway.
+STOP_GRACE = 5.0
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
@@ -74,9 +83,19 @@ def _cmd_serve(args) -> int:
         print(f"vfiouser: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         return 1
 
+    _raise_fd_limit()
+    signals = []
+    grace = threading.Timer(STOP_GRACE, _exit_now, args=(server.path, f"the server did not stop within {STOP_GRACE:g} s"))
+    grace.daemon = True
+
     def stop(signum, frame):
-        log.info("%s: shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        signals.append(name)
+        if len(signals) > 1:  # a handler stuck in a loop: the second signal ends the process
+            _exit_now(server.path, f"{name} again")
+        log.info("%s: shutting down (a second signal exits at once)", name)
         server.stop()
+        grace.start()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -85,9 +104,32 @@ def _cmd_serve(args) -> int:
         server.serve_forever()
     finally:
         server.close()
+        grace.cancel()
         if tracer is not None:
             tracer.close()
     return 0
+
+
+def _exit_now(path: str, why: str) -> None:
+    """End the process at once (the loop is stuck in a model), removing the socket first."""
+    log.error("%s: exiting now", why)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+    logging.shutdown()
+    os._exit(1)
+
+
+def _raise_fd_limit() -> None:
+    """Each fd-backed DMA map holds an fd (see vfiouser.dma): allow as many as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
 
 
 def _cmd_devices(args) -> int:

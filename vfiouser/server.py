@@ -42,6 +42,7 @@ from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
 from .regions import RegionTable
 from .session import Session
 from .transport import wait_readable
+from .watchdog import LoopWatchdog
 
 __all__ = ["Server", "SocketInUse", "serve_in_thread"]
 
@@ -101,6 +102,70 @@ class _Poller:
     def close(self) -> None:
         self.entries.clear()
         self._epoll.close()
+
+
+class _WaitingClients:
+    """Clients that connect while another is served: each gets EBUSY in reply to its first
+    message and is hung up on, or, if the served client turns out to be gone meanwhile, is
+    served itself; one that sends no whole header within ``BUSY_CLIENT_DEADLINE`` is dropped."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        #: connection -> (deadline, header bytes read so far)
+        self.conns: dict[socket.socket, tuple[float, bytearray]] = {}
+
+    def add(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        try:
+            self.server._sel.register(conn, self.readable)
+        except Exception:
+            conn.close()
+            raise
+        self.conns[conn] = (time.monotonic() + BUSY_CLIENT_DEADLINE, bytearray())
+
+    def readable(self, conn: socket.socket) -> None:
+        server = self.server
+        buf = self.conns[conn][1]
+        try:
+            data = conn.recv(HEADER_SIZE - len(buf))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        server._reap_gone_session()
+        if data and server.session is None:  # the other one left: this one is a client like any
+            del self.conns[conn]
+            server._sel.unregister(conn)
+            server._start_session(conn, bytes(buf + data))
+            server._on_session(conn)  # what it sent so far may be a whole message already
+            return
+        if data and len(buf) + len(data) < HEADER_SIZE:
+            buf += data
+            return  # wait for a whole header (or the deadline)
+        if data:
+            msg_id, cmd, _, flags, _ = HEADER.unpack(bytes(buf + data))
+            if flags & MsgFlags.TYPE_MASK == MsgType.COMMAND and not flags & MsgFlags.NO_REPLY:
+                reply = HEADER.pack(msg_id, cmd, HEADER_SIZE, MsgType.REPLY | MsgFlags.ERROR, errno.EBUSY)
+                try:
+                    conn.send(reply)
+                except OSError:
+                    pass
+        self.close(conn)
+
+    def close(self, conn: socket.socket) -> None:
+        self.conns.pop(conn, None)
+        try:
+            self.server._sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for conn, (deadline, _) in list(self.conns.items()):
+            if now > deadline:
+                log.warning("a waiting second client sent no header within %ss; dropped", BUSY_CLIENT_DEADLINE)
+                self.close(conn)
 
 
 class SocketInUse(VfioUserError):
@@ -163,6 +228,8 @@ class Server:
         self.poll_us = poll_us
         self.session: Session | None = None
         self.sessions_served = 0
+        #: warns when serving one request takes long enough for the client to give up
+        self.watchdog = LoopWatchdog()
         self._sel = _Poller()
         self._stopping = False
         self._closed = False
@@ -184,7 +251,7 @@ class Server:
         self._sel.register(self._listener, self._on_accept)
         self._sel.register(self._wake_r, self._on_wake)
         self._watched: dict[int, object] = {}
-        self._busy: dict[socket.socket, tuple[float, bytearray]] = {}
+        self._waiting = _WaitingClients(self)
         self._idle = threading.Event()
         self._idle.set()
         self._loop_done = threading.Event()  # set while serve_forever is not running
@@ -208,6 +275,8 @@ class Server:
         self._loop_done.clear()
         poll = self._sel.poll
         entries = self._sel.entries
+        busy, idle = self.watchdog.busy, self.watchdog.idle
+        self.watchdog.start()
         spin = self.poll_us / 1e6
         monotonic = time.monotonic
         sched_yield = os.sched_yield
@@ -235,16 +304,19 @@ class Server:
                     if entry is None:  # unregistered by an earlier callback of this round
                         continue
                     fileobj, callback = entry
+                    busy()
                     try:
                         callback(fileobj)
                     except Exception:
                         log.exception("unexpected error serving %r; dropping that connection", fileobj)
                         self._drop(fileobj)
+                    idle()
                     if self._stopping:
                         break
-                if self._busy:
-                    self._reap_busy()
+                if self._waiting.conns:
+                    self._waiting.expire()
         finally:
+            self.watchdog.stop()
             self._end_session()
             self._loop_done.set()
 
@@ -252,8 +324,8 @@ class Server:
         session = self.session
         if session is not None and fileobj is session.transport.sock:
             self._end_session()
-        elif fileobj in self._busy:
-            self._close_busy(fileobj)
+        elif fileobj in self._waiting.conns:
+            self._waiting.close(fileobj)
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (safe from other threads and signal handlers)."""
@@ -277,8 +349,8 @@ class Server:
                 log.error("the server loop did not stop within 10 s; closing under it")
         self._closed = True
         self._end_session()
-        for conn in list(self._busy):
-            self._close_busy(conn)
+        for conn in list(self._waiting.conns):
+            self._waiting.close(conn)
         for obj in (self._listener,):
             try:
                 self._sel.unregister(obj)
@@ -326,13 +398,7 @@ class Server:
         self._reap_gone_session()
         if self.session is not None:
             log.warning("a second client connected while %s is served; answering EBUSY", self.session.name)
-            conn.setblocking(False)
-            try:
-                self._sel.register(conn, self._on_busy_client)
-            except Exception:
-                conn.close()
-                raise
-            self._busy[conn] = (time.monotonic() + BUSY_CLIENT_DEADLINE, bytearray())
+            self._waiting.add(conn)
             return
         self._start_session(conn)
 
@@ -401,51 +467,6 @@ class Server:
             self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self._reserve_fd = -1
-
-    def _on_busy_client(self, conn) -> None:
-        """Answer the first message of a client that came while another is served, then drop it;
-        serve it instead if the other client turns out to be gone."""
-        buf = self._busy[conn][1]
-        try:
-            data = conn.recv(HEADER_SIZE - len(buf))
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._reap_gone_session()
-        if data and self.session is None:  # the other one left: this one is a client like any
-            self._busy.pop(conn, None)
-            self._sel.unregister(conn)
-            self._start_session(conn, bytes(buf + data))
-            self._on_session(conn)  # what it sent so far may be a whole message already
-            return
-        if data and len(buf) + len(data) < HEADER_SIZE:
-            buf += data
-            return  # wait for a whole header (or the deadline)
-        if data:
-            msg_id, cmd, _, flags, _ = HEADER.unpack(bytes(buf + data))
-            if flags & MsgFlags.TYPE_MASK == MsgType.COMMAND and not flags & MsgFlags.NO_REPLY:
-                reply = HEADER.pack(msg_id, cmd, HEADER_SIZE, MsgType.REPLY | MsgFlags.ERROR, errno.EBUSY)
-                try:
-                    conn.send(reply)
-                except OSError:
-                    pass
-        self._close_busy(conn)
-
-    def _close_busy(self, conn) -> None:
-        self._busy.pop(conn, None)
-        try:
-            self._sel.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        conn.close()
-
-    def _reap_busy(self) -> None:
-        now = time.monotonic()
-        for conn, (deadline, _) in list(self._busy.items()):
-            if now > deadline:
-                log.warning("a waiting second client sent no header within %ss; dropped", BUSY_CLIENT_DEADLINE)
-                self._close_busy(conn)
 
     # -- extra fds a session wants polled (INTx resample eventfd) ----------------
 
