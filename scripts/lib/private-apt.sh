@@ -45,16 +45,25 @@ debian_mirror() {
     echo "${uri%/}"
 }
 
+# private_apt_init DIR [SUITE...]: suites default to trixie and trixie-backports.
 private_apt_init() {
-    local dir=$1 mirror
+    local dir=$1 mirror suite
+    shift
+    [ $# -gt 0 ] || set -- trixie trixie-backports
     mirror=$(debian_mirror) || return 1
     mkdir -p "$dir/state/lists/partial" "$dir/archives/partial" "$dir/etc/sources.list.d" \
              "$dir/etc/preferences.d" "$dir/etc/trusted.gpg.d"
     : >"$dir/state/status"
-    cat >"$dir/etc/sources.list" <<SOURCES
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie-backports main
-SOURCES
+    : >"$dir/etc/sources.list"
+    for suite in "$@"; do
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" \
+            >>"$dir/etc/sources.list"
+    done
+}
+
+# The Debian release this machine runs (its packages match the system's libraries).
+host_suite() {
+    (. /etc/os-release && echo "${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}")
 }
 
 private_apt_get() {

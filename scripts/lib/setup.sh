@@ -70,3 +70,13 @@ setup_guest() {
     fi
     export VFIOUSER_GUEST
 }
+
+setup_libvfio_user() {
+    say "building libvfio-user (scripts/get-libvfio-user)"
+    if ! VFIOUSER_LIBVFIO_USER=$("$ROOT/scripts/get-libvfio-user" --print-path); then
+        echo "could not build libvfio-user (scripts/get-libvfio-user failed); the tests and the bench that" \
+             "compare with it need it" >&2
+        return 1
+    fi
+    export VFIOUSER_LIBVFIO_USER
+}
