@@ -193,7 +193,8 @@ class DevicePort(abc.ABC):
         """A context for one batch of requests: work the model defers inside it starts only
         when it ends, which the backend makes after the batch's replies are sent (so the
         client is free to answer the model's DMA). Also marks "inside a request handler"
-        for :class:`DmaBackend`'s ``may_wait``."""
+        for :class:`DmaBackend`'s ``may_wait``. Reusable and reentrant: a backend may take it
+        once and enter it for every batch."""
 
     @abc.abstractmethod
     def reset(self, reason: ResetReason) -> None:

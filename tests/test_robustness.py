@@ -266,19 +266,19 @@ def test_exception_in_a_connection_callback_ends_only_that_connection(serve, mon
     from vfiouser.session import Session
 
     server = serve(ProbeDevice())
-    original = Session.on_readable
+    original = Session.process
     calls = {"n": 0}
 
-    def flaky(self):
+    def flaky(self, frames):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("bug in the session")
-        return original(self)
+        return original(self, frames)
 
-    monkeypatch.setattr(Session, "on_readable", flaky)
+    monkeypatch.setattr(Session, "process", flaky)
     c = Client.connect(server.path)
     with pytest.raises(Exception):
         c.config_read(0)
     c.close()
-    monkeypatch.setattr(Session, "on_readable", original)
+    monkeypatch.setattr(Session, "process", original)
     next_client_works(server)

@@ -190,10 +190,10 @@ class ShortWriter:
         self.out += data[:n]
         return n
 
-    def send(self, data):
+    def send(self, data, flags=0):
         return self._take(memoryview(data).tobytes())
 
-    def sendmsg(self, buffers, anc=()):
+    def sendmsg(self, buffers, anc=(), flags=0):
         return self._take(b"".join(memoryview(b).tobytes() for b in buffers))
 
 

@@ -78,9 +78,13 @@ class Outbox:
 
     def flush(self) -> None:
         """Send everything queued (raises ConnectionClosed if the client is gone)."""
-        if self.queue:
-            out, self.queue = self.queue, []
-            self.transport.send(out)
+        queue = self.queue
+        if queue:
+            self.queue = []
+            if len(queue) == 1:  # one reply of bytes: the usual case
+                self.transport.send_one(queue[0])
+            else:
+                self.transport.send(queue)
 
     # -- requests of our own (any thread) ---------------------------------------------------
 

@@ -36,12 +36,11 @@ import time
 
 from vfiouser.devices.port import as_port
 
-from .errors import UsageError, VfioUserError
+from .errors import ConnectionClosed, FramingError, UsageError, VfioUserError
 from .negotiation import ServerCapabilities
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
 from .regions import RegionTable
 from .session import Session
-from .transport import wait_readable
 from .watchdog import LoopWatchdog
 
 __all__ = ["Server", "SocketInUse", "serve_in_thread"]
@@ -104,6 +103,13 @@ class _Poller:
         self._epoll.close()
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` has closed its end (data may still be unread)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+
+
 class _WaitingClients:
     """Clients that connect while another is served: each gets EBUSY in reply to its first
     message and is hung up on, or, if the served client turns out to be gone meanwhile, is
@@ -132,12 +138,9 @@ class _WaitingClients:
             return
         except OSError:
             data = b""
-        server._reap_gone_session()
-        if data and server.session is None:  # the other one left: this one is a client like any
+        if data and server._hand_over(conn, bytes(buf + data)):  # the other one left: serve this one
             del self.conns[conn]
-            server._sel.unregister(conn)
-            server._start_session(conn, bytes(buf + data))
-            server._on_session(conn)  # what it sent so far may be a whole message already
+            server._sel.unregister(conn)  # before this thread polls again: it is the serving thread's
             return
         if data and len(buf) + len(data) < HEADER_SIZE:
             buf += data
@@ -252,6 +255,8 @@ class Server:
         self._sel.register(self._wake_r, self._on_wake)
         self._watched: dict[int, object] = {}
         self._waiting = _WaitingClients(self)
+        self._cond = threading.Condition()  # guards the hand-over of a client to the serving thread
+        self._handoff: tuple[socket.socket, bytes] | None = None
         self._idle = threading.Event()
         self._idle.set()
         self._loop_done = threading.Event()  # set while serve_forever is not running
@@ -269,66 +274,107 @@ class Server:
     def serve_forever(self) -> None:
         """Accept and serve clients until :meth:`stop`.
 
-        Nothing a client does ends this loop: an unexpected exception while
-        serving a connection is logged and ends that connection only.
+        This thread serves the connected client: it waits in ``recvmsg`` on the client's
+        socket, so a message costs no poll of its own. A control thread watches everything
+        else (the listening socket, clients that come while one is served, the stop pipe, the
+        INTx resample eventfd). Nothing a client does ends this loop: an unexpected exception
+        while serving a connection is logged and ends that connection only.
         """
         self._loop_done.clear()
-        poll = self._sel.poll
-        entries = self._sel.entries
-        busy, idle = self.watchdog.busy, self.watchdog.idle
         self.watchdog.start()
-        spin = self.poll_us / 1e6
-        monotonic = time.monotonic
-        sched_yield = os.sched_yield
-        spin_until = 0.0
+        control = threading.Thread(target=self._control_loop, name="vfiouser-control", daemon=True)
+        control.start()
         try:
             while not self._stopping:
-                if spin_until:
-                    # Busy-poll for a while after serving, as QEMU's own event loop does: a
-                    # request that comes within poll_us is taken without waking this process,
-                    # which costs 15-40 µs on a VM whose idle vCPUs halt. Yielding lets a QEMU
-                    # thread that shares this CPU run first.
-                    events = poll(0)
-                    if not events:
-                        if monotonic() < spin_until:
-                            sched_yield()
-                        else:
-                            spin_until = 0.0
-                        continue
-                else:
-                    events = poll(1.0)
-                if spin and events:  # only after work: an idle server sleeps
-                    spin_until = monotonic() + spin
-                for fd, _ in events:
-                    entry = entries.get(fd)
-                    if entry is None:  # unregistered by an earlier callback of this round
-                        continue
-                    fileobj, callback = entry
-                    busy()
-                    try:
-                        callback(fileobj)
-                    except Exception:
-                        log.exception("unexpected error serving %r; dropping that connection", fileobj)
-                        self._drop(fileobj)
-                    idle()
-                    if self._stopping:
-                        break
-                if self._waiting.conns:
-                    self._waiting.expire()
+                handed = self._take_client(1.0)
+                if handed is not None:
+                    self._start_session(*handed)
+                    self._serve_session()
         finally:
+            self.stop()
+            control.join(10)
             self.watchdog.stop()
             self._end_session()
+            with self._cond:
+                if self._handoff is not None:
+                    self._handoff[0].close()
+                    self._handoff = None
             self._loop_done.set()
 
-    def _drop(self, fileobj) -> None:
+    def _serve_session(self) -> None:
+        """Serve the current session until it ends: wait for messages, serve each batch.
+
+        The hot loop: one blocking receive, the batch, one send (in ``process``); the watchdog
+        costs two stores, no call."""
         session = self.session
-        if session is not None and fileobj is session.transport.sock:
+        watchdog = self.watchdog
+        monotonic = time.monotonic
+        spin = self.poll_us / 1e6
+        receive, process = session.transport.receive, session.process
+        try:
+            while not self._stopping:
+                if spin:
+                    frames = self._poll_then_wait(session, spin)
+                else:
+                    try:
+                        frames = receive(True)
+                    except (ConnectionClosed, FramingError) as exc:
+                        frames = session.receive_failed(exc)
+                if frames is None:
+                    break
+                watchdog.since = monotonic()
+                try:
+                    if not process(frames):
+                        break
+                finally:
+                    watchdog.since = 0.0
+        except Exception:
+            log.exception("unexpected error serving %s; dropping that connection", session.name)
+        finally:
             self._end_session()
-        elif fileobj in self._waiting.conns:
+
+    @staticmethod
+    def _poll_then_wait(session: Session, spin: float) -> list | None:
+        """Busy-poll for ``spin`` seconds after serving, as QEMU's own event loop does: a request
+        that comes meanwhile is taken without waking this process, which costs 15-40 µs on a VM
+        whose idle vCPUs halt. Yielding lets a QEMU thread that shares this CPU run first.
+        Then wait as usual."""
+        until = time.monotonic() + spin
+        while True:
+            frames = session.receive()
+            if frames is None or frames:
+                return frames
+            if time.monotonic() >= until:
+                return session.receive(wait=True)
+            os.sched_yield()
+
+    def _control_loop(self) -> None:
+        """Everything but the served client's socket (see :meth:`serve_forever`)."""
+        poll = self._sel.poll
+        entries = self._sel.entries
+        while not self._stopping:
+            for fd, _ in poll(1.0):
+                entry = entries.get(fd)
+                if entry is None:  # unregistered by an earlier callback of this round
+                    continue
+                fileobj, callback = entry
+                try:
+                    callback(fileobj)
+                except Exception:
+                    log.exception("unexpected error serving %r; dropping that connection", fileobj)
+                    self._drop(fileobj)
+                if self._stopping:
+                    break
+            if self._waiting.conns:
+                self._waiting.expire()
+
+    def _drop(self, fileobj) -> None:
+        if fileobj in self._waiting.conns:
             self._waiting.close(fileobj)
 
     def stop(self) -> None:
-        """Make :meth:`serve_forever` return (safe from other threads and signal handlers)."""
+        """Make :meth:`serve_forever` return (safe from other threads and signal handlers: the
+        control thread does the rest, see :meth:`_on_wake`)."""
         self._stopping = True
         try:
             os.write(self._wake_w, b"x")
@@ -383,6 +429,15 @@ class Server:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
+        if self._stopping:  # end the serving thread's wait: in recvmsg, or for a client
+            session = self.session
+            if session is not None:
+                try:
+                    session.transport.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            with self._cond:
+                self._cond.notify_all()
 
     def _on_accept(self, listener) -> None:
         try:
@@ -395,33 +450,41 @@ class Server:
             else:
                 log.error("accept failed: %s", exc)
             return
-        self._reap_gone_session()
-        if self.session is not None:
-            log.warning("a second client connected while %s is served; answering EBUSY", self.session.name)
+        if not self._hand_over(conn, b""):
+            log.warning("a second client connected while %s is served; answering EBUSY",
+                        getattr(self.session, "name", "another"))
             self._waiting.add(conn)
-            return
-        self._start_session(conn)
+
+    def _hand_over(self, conn, initial: bytes) -> bool:
+        """Give ``conn`` to the serving thread if no client is served (control thread); a client
+        whose peer has already hung up is waited for (up to a second) first, so one that
+        reconnects right after an abrupt close is served, not told EBUSY."""
+        session = self.session
+        if session is not None and _hung_up(session.transport.sock):
+            self._idle.wait(1.0)  # the serving thread reads its end of stream and ends it
+        with self._cond:
+            if self.session is not None or self._handoff is not None or self._stopping:
+                return False
+            self._handoff = (conn, initial)
+            self._idle.clear()
+            self._cond.notify_all()
+        return True
+
+    def _take_client(self, timeout: float):
+        """The next client the control thread handed over, ``(conn, initial bytes)``, or None."""
+        with self._cond:
+            if self._handoff is None and not self._stopping:
+                self._cond.wait(timeout)
+            handed, self._handoff = self._handoff, None
+            return handed
 
     def _start_session(self, conn, initial: bytes = b"") -> None:
         self.sessions_served += 1
         name = f"client{self.sessions_served}"
         log.info("%s connected", name)
-        session = Session(conn, self.port, regions=self.regions, name=name, caps=self.caps, tracer=self.tracer,
-                          watch=self._watch, unwatch=self._unwatch, initial=initial)
-        try:
-            self._sel.register(conn, self._on_session)
-        except Exception:  # nothing of it is left behind; the next client gets a clean start
-            session.close()
-            raise
         self._idle.clear()
-        self.session = session
-
-    def _on_session(self, conn) -> None:
-        session = self.session
-        if session is None:
-            return
-        if not session.on_readable():
-            self._end_session()
+        self.session = Session(conn, self.port, regions=self.regions, name=name, caps=self.caps,
+                               tracer=self.tracer, watch=self._watch, unwatch=self._unwatch, initial=initial)
 
     def _end_session(self) -> None:
         session, self.session = self.session, None
@@ -430,23 +493,12 @@ class Server:
         for fd in list(self._watched):
             self._unwatch(fd)
         try:
-            self._sel.unregister(session.transport.sock)
-        except (KeyError, ValueError):
-            pass
-        try:
             session.close()
         finally:
-            self._idle.set()
+            with self._cond:
+                if self._handoff is None:
+                    self._idle.set()
         log.info("%s gone; its fds and DMA mappings are released, waiting for the next client", session.name)
-
-    def _reap_gone_session(self) -> None:
-        """End the session now if its client is gone but its end of stream is still unread (a
-        client that reconnects right after an abrupt close must be served, not told EBUSY)."""
-        for _ in range(16):  # a few reads: what the client sent before it left comes first
-            session = self.session
-            if session is None or not wait_readable(session.transport.sock, 0):
-                return
-            self._on_session(session.transport.sock)
 
     def _shed(self, listener, exc: OSError) -> None:
         """No fd left to accept with: accept on the reserve fd and hang up at once, so the

@@ -84,7 +84,8 @@ class Session:
         self.state = SessionState.NEGOTIATING
         #: largest message accepted: max_data_xfer_size of data plus headers (WRITE_MULTI is smaller)
         self.max_msg_size = self.caps.max_data_xfer_size + 4096
-        self.transport = Transport(sock, max_msg_size=self.max_msg_size, log=self.log, initial=initial)
+        self.transport = Transport(sock, max_msg_size=self.max_msg_size, log=self.log, initial=initial,
+                                   max_fds=self.caps.max_msg_fds)
         self.outbox = Outbox(self.transport, self.log, tracer)
         watch = watch or (lambda fd, callback: None)
         self.irqs = IrqState(port.irq_counts, watch=lambda fd: watch(fd, self.irqs.resampled),
@@ -95,6 +96,7 @@ class Session:
         self.dispatcher = Dispatcher(self, CommandHandlers(self))
         self.outbox.on_trace_stopped = self.dispatcher.refresh
         self._released = False
+        self._batch = port.batch()  # reusable: one per session, entered once per wake-up
         port.attach(self.irqs, self.requester)
 
     @property
@@ -135,20 +137,33 @@ class Session:
 
     def on_readable(self) -> bool:
         """Process everything that arrived. Returns False when the session is over."""
+        frames = self.receive()
+        return frames is not None and self.process(frames)
+
+    def receive(self, wait: bool = False) -> list | None:
+        """The messages that arrived (with ``wait``, block until some do); None when the
+        session is over (end of stream, unframeable input)."""
         if self.state is _CLOSED:
-            return False
+            return None
         try:
-            frames = self.transport.receive()
-        except ConnectionClosed as exc:
+            return self.transport.receive(wait)
+        except (ConnectionClosed, FramingError) as exc:
+            return self.receive_failed(exc)
+
+    def receive_failed(self, exc: ConnectionClosed | FramingError) -> None:
+        """The transport says the stream is over (end of stream) or unframeable."""
+        if isinstance(exc, FramingError):
+            self._framing_failed(exc)
+        else:
             self.log.info("client disconnected (%s)", exc)
             self._set_state(_CLOSED, "end of stream")
-            return False
-        except FramingError as exc:
-            self._framing_failed(exc)
-            return False
+
+    def process(self, frames: list) -> bool:
+        """Serve ``frames`` in order, in one batch, and send the replies. False when the
+        session is over."""
         dispatch = self.dispatcher.dispatch
         done = 0
-        with self.port.batch():  # deferred work starts only once these requests are answered
+        with self._batch:  # deferred work starts only once these requests are answered
             try:
                 for frame in frames:
                     done += 1

@@ -46,10 +46,12 @@ _log = logging.getLogger(__name__)
 MAX_FDS_PER_MESSAGE = 253
 #: Most fds held for messages not complete yet (a message carries at most max_msg_fds, 16).
 MAX_HELD_FDS = 64
-_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 # Plain ints: ``int & socket.MSG_CTRUNC`` goes through IntFlag.__rand__ (about 0.4 us a call).
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_RECV_WAIT = _MSG_CMSG_CLOEXEC
+_RECV_NOWAIT = _MSG_CMSG_CLOEXEC | _DONTWAIT
 _MIN_CHUNK = 64 * 1024
 _SEND_TIMEOUT = 10.0
 #: Buffers per sendmsg (the kernel refuses more than IOV_MAX, 1024 on Linux).
@@ -126,10 +128,15 @@ class Transport:
     """Framing and fd passing on a connected AF_UNIX stream socket (made non-blocking)."""
 
     def __init__(self, sock: socket.socket, *, max_msg_size: int = (1 << 20) + 4096, log=None,
-                 initial: bytes = b"") -> None:
+                 initial: bytes = b"", max_fds: int = MAX_FDS_PER_MESSAGE) -> None:
         self.sock = sock
-        sock.setblocking(False)
+        # Blocking, so that one thread may wait in recvmsg for the next message (the server's
+        # serving thread does); every other call passes MSG_DONTWAIT and never blocks.
+        sock.setblocking(True)
         self.max_msg_size = max_msg_size
+        # Room for the fds one message may carry: a peer that sends more gets its message
+        # refused (the kernel truncates, see LostFds); a small buffer is cheaper to allocate.
+        self._ancbuf = socket.CMSG_SPACE(min(max_fds, MAX_FDS_PER_MESSAGE) * 4)
         self.log = log if log is not None else _log
         self._buf = bytearray(_MIN_CHUNK)
         # A view of _buf kept for slicing (the receive window, payloads). _buf is never resized
@@ -156,8 +163,10 @@ class Transport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self) -> list[Frame]:
-        """Read what is available (without blocking) and return the complete messages.
+    def receive(self, wait: bool = False) -> list[Frame]:
+        """Read what is available and return the complete messages; with ``wait``, block until
+        something arrives (the one reader of the socket may; a signal or a shutdown of the
+        socket ends the wait).
 
         Returns ``[]`` when nothing complete is there yet. Raises
         :class:`ConnectionClosed` at end of stream and :class:`FramingError`
@@ -167,14 +176,40 @@ class Transport:
             raise self.framing_error
         if self.abandoned:
             raise ConnectionClosed("the stream was abandoned after an oversized message")
-        self._make_room()
+        if self._start == self._end:  # everything framed (the usual case): start over at 0
+            self._base += self._start
+            self._start = self._end = 0
+        else:
+            self._make_room()
         try:
-            n, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._view[self._end :]], _ANCBUF,
-                                                              _MSG_CMSG_CLOEXEC)
+            n, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._view[self._end :]], self._ancbuf,
+                                                              _RECV_WAIT if wait else _RECV_NOWAIT)
         except (BlockingIOError, InterruptedError):
             return self._frames()  # nothing new; bytes given at construction may still hold messages
         except OSError as exc:
             raise ConnectionClosed(f"receive failed: {exc}") from exc
+        if n and not ancdata and not msg_flags & _MSG_CTRUNC and not self._fd_chunks:
+            # The usual case: bytes, no fds. Frame every whole message here (no second call).
+            end = self._end = self._end + n
+            start = self._start
+            buf, view, unpack, limit = self._buf, self._view, HEADER.unpack_from, self.max_msg_size
+            frames: list[Frame] = []
+            while end - start >= HEADER_SIZE:
+                msg_id, cmd, size, flags, error_no = unpack(buf, start)
+                if not HEADER_SIZE <= size <= limit or end - start < size:
+                    break  # unframeable, oversized, or not all here: the general loop decides
+                frames.append(_new_tuple(Frame, (msg_id, cmd, size, flags, error_no,
+                                                 view[start + HEADER_SIZE : start + size], [])))
+                start += size
+            self._start = start
+            if end - start >= HEADER_SIZE:
+                try:
+                    frames += self._frames()
+                except FramingError:
+                    if not frames:
+                        raise
+                    # framing_error is set: it surfaces once the messages before it are served
+            return frames
         fds = None
         if ancdata or msg_flags & _MSG_CTRUNC:
             fds = self._collect_fds(ancdata)
@@ -312,6 +347,19 @@ class Transport:
 
     # -- sending -----------------------------------------------------------------
 
+    def send_one(self, data) -> None:
+        """Send one buffer of bytes without fds (the usual reply): :meth:`send`'s first system
+        call, without its generality; the rest, if the socket took only part, goes through it."""
+        with self._send_lock:
+            try:
+                sent = self.sock.send(data, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                raise ConnectionClosed(f"send failed: {exc}") from exc
+        if sent != _nbytes(data):
+            self.send(memoryview(data).cast("B")[sent:])
+
     def send(self, buffers, fds=()) -> None:
         """Send ``buffers`` (a bytes-like object or a list of them) in order, as one unit
         that other threads' sends never interleave with; ``fds`` travel with the first
@@ -335,7 +383,10 @@ class Transport:
                     data = b"".join(buffers)
                     total = len(data)
                 try:
-                    sent = self.sock.sendmsg(data, anc) if data is buffers else self.sock.send(data)
+                    if data is buffers:
+                        sent = self.sock.sendmsg(data, anc, _DONTWAIT)
+                    else:
+                        sent = self.sock.send(data, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError as exc:
@@ -351,7 +402,7 @@ class Transport:
             while views:
                 group = views[:_IOV_GROUP]
                 try:
-                    sent = self.sock.sendmsg(group, anc)
+                    sent = self.sock.sendmsg(group, anc, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     if not _wait_writable(self.sock, _SEND_TIMEOUT):
                         raise ConnectionClosed("peer stopped reading (send timed out)") from None

@@ -8,9 +8,9 @@ its handler returns, so the watchdog says so in the log while it happens: once
 the wake-up has run ``warn_after`` seconds (2 by default), and again past the
 client's timeout, naming what to do about it.
 
-The loop marks the start and end of each callback (:meth:`LoopWatchdog.busy`,
-:meth:`LoopWatchdog.idle`: one clock read and two stores); the watchdog thread
-looks twice a second and does nothing else.
+The loop marks the start and end of each batch by storing the clock in
+:attr:`LoopWatchdog.since` (0 when idle: no call, two stores); the watchdog
+thread looks twice a second and does nothing else.
 """
 
 from __future__ import annotations
@@ -33,21 +33,22 @@ class LoopWatchdog:
     def __init__(self, *, warn_after: float = 2.0, client_timeout: float = CLIENT_TIMEOUT) -> None:
         self.warn_after = warn_after
         self.client_timeout = client_timeout
-        self._since = 0.0  # when the current callback started; 0: the loop is idle
-        self._warned = 0  # 0: not for this callback, 1: slow, 2: past the client's timeout
+        #: when the batch being served started (time.monotonic); 0.0 while the loop is idle
+        self.since = 0.0
+        self._warned_for = 0.0  # the ``since`` already warned about, and how far
+        self._warned = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: how many callbacks were reported as slow
         self.reports = 0
 
     def busy(self) -> None:
-        """The loop starts serving a callback."""
-        self._warned = 0
-        self._since = time.monotonic()
+        """The loop starts serving a batch (the serving loop stores :attr:`since` itself)."""
+        self.since = time.monotonic()
 
     def idle(self) -> None:
-        """The loop is done with the callback."""
-        self._since = 0.0
+        """The loop is done with the batch."""
+        self.since = 0.0
 
     def start(self) -> None:
         self._stop.clear()
@@ -61,9 +62,11 @@ class LoopWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            since = self._since
+            since = self.since
             if not since:
                 continue
+            if since != self._warned_for:
+                self._warned_for, self._warned = since, 0
             took = time.monotonic() - since
             if took >= self.client_timeout and self._warned < 2:
                 self._warned = 2

@@ -33,26 +33,12 @@ import errno
 
 from vfiouser.devices.errors import RegionAccessError
 from vfiouser.devices.port import DevicePort, DmaBackend, InterruptSink, IrqCounts, RegionInfo, ResetReason
+from vfiouser.iomgr import NoDevice
 
 from .dma import NO_BACKEND
 from .device import CONFIG_REGION, NO_SINK, ROM_REGION, PciDevice
 
 __all__ = ["PciPort"]
-
-
-class _Batch:
-    """``with port.batch():`` holds the device's deferred work (reentrant, no lock taken)."""
-
-    __slots__ = ("_worker",)
-
-    def __init__(self, worker) -> None:
-        self._worker = worker
-
-    def __enter__(self) -> None:
-        self._worker.hold()
-
-    def __exit__(self, *exc) -> None:
-        self._worker.release()
 
 
 class PciPort(DevicePort):
@@ -73,18 +59,17 @@ class PciPort(DevicePort):
         self._table = tuple(self._route(r) for r in self._regions)
         self._count = len(self._table)
         self._lock = device.lock
-        self._batch = _Batch(device.worker)
 
     def _route(self, region: RegionInfo) -> tuple:
         device = self.device
         if region.index == CONFIG_REGION:
-            return region.size, True, device.config_read, device.config_write
+            return region.size, True, device.config_read, device.config_write, None
         if region.index == ROM_REGION and device.rom is not None:
-            return region.size, False, device.rom.read, None
+            return region.size, False, device.rom.read, None, None
         bar = device.bars.get(region.index)
         if bar is not None:
-            return region.size, True, bar.read, bar.write
-        return 0, False, None, None
+            return region.size, True, bar.read, bar.write, bar
+        return 0, False, None, None, None
 
     # -- the region table --------------------------------------------------------
 
@@ -114,9 +99,17 @@ class PciPort(DevicePort):
     def region_read(self, index: int, offset: int, data: bytearray | memoryview) -> None:
         size = len(data)
         if 0 <= index < self._count:
-            limit, _, read, _ = self._table[index]
+            limit, _, read, _, bar = self._table[index]
             if size and 0 <= offset and offset + size <= limit:
                 with self._lock:
+                    # A decoded BAR: straight to the IoManager (Bar.read without its call; Bar.read
+                    # handles the rest: not decoded, unclaimed).
+                    if bar is not None and bar.address is not None:
+                        try:
+                            bar._bus_read(bar._io.current, bar.address + offset, data)
+                            return
+                        except NoDevice:
+                            pass
                     read(offset, data)
                 return
         raise self._refuse("read", index, offset, size)
@@ -124,15 +117,22 @@ class PciPort(DevicePort):
     def region_write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         size = len(data)
         if 0 <= index < self._count:
-            limit, writable, _, write = self._table[index]
+            limit, writable, _, write, bar = self._table[index]
             if writable and size and 0 <= offset and offset + size <= limit:
                 with self._lock:
+                    if bar is not None and bar.address is not None:  # as in region_read
+                        try:
+                            bar._bus_write(bar._io.current, bar.address + offset, data)
+                            return
+                        except NoDevice:
+                            pass
                     write(offset, data)
                 return
         raise self._refuse("write", index, offset, size)
 
-    def batch(self) -> _Batch:
-        return self._batch
+    def batch(self):
+        """The device's worker, whose context holds deferred work (reentrant, no lock taken)."""
+        return self.device.worker
 
     # -- life cycle ----------------------------------------------------------------
 

@@ -104,7 +104,7 @@ class DeviceWorker:
         """Whether the calling thread holds the worker (it is serving a batch of requests)."""
         return bool(self._gate) and self._holder == threading.get_ident()
 
-    def release(self) -> None:
+    def release(self, *_exc) -> None:
         """Let the tasks submitted since :meth:`hold` run (takes the lock only if some were)."""
         self._gate -= 1
         if self._gate == 0 and self._held:
@@ -113,6 +113,10 @@ class DeviceWorker:
                 held, self._held = self._held, []
                 for delay, epoch, fn, args in held:
                     self._push(delay, epoch, fn, args)
+
+    # ``with worker:`` holds it (a device port's batch() is the worker: no wrapper on the hot path).
+    __enter__ = hold
+    __exit__ = release
 
     def _run(self) -> None:
         while True:
