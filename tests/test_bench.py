@@ -5,14 +5,21 @@ figures are numbers to track (docs/performance.md), never pass/fail criteria.
 """
 
 import json
+import os
+import socket
+import threading
+import time
 
 import pytest
 
-from vfiouser.bench import SECTIONS, main
+from vfiouser.bench import SECTIONS, _parser, main, versus_c
 from vfiouser.bench.device import BURST_BYTES, STALL_MS, BenchDevice
-from vfiouser.bench.report import render_markdown, targets
-from vfiouser.bench.wire import server_processing
+from vfiouser.bench.minimal import serve_connection
+from vfiouser.bench.report import TARGET_CPU_VS_LOOP, TARGET_TRAPPED_VS_C, render_markdown, targets, versus_c_targets
+from vfiouser.bench.wire import _recv_exact, server_processing
 from vfiouser.client import Client
+from vfiouser.errors import ErrorReply
+from vfiouser.protocol import HEADER
 
 PROCESSING_KEYS = {"region_read_4", "region_write_4", "region_write_4_posted", "config_read_4",
                    "write_multi_200_per_write", "model_region_read_4", "on_readable_read_4_batch256"}
@@ -81,3 +88,209 @@ def test_report_says_why_a_section_has_no_numbers(quick_protocol_run):
     text = render_markdown(results)
     assert "Not available: vfiouser.devices.pci.MemoryBar.share() does not exist yet" in text
     assert "Failed: RuntimeError: boom" in text
+
+
+# -- versus-c: our idio16 next to libvfio-user's C sample and a minimal Python loop ----------------
+
+
+@pytest.fixture
+def minimal_client():
+    """A Client on one end of a socketpair, the minimal loop serving the other on a thread."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    thread = threading.Thread(target=serve_connection, args=(theirs,), daemon=True)
+    thread.start()
+    client = Client(ours)
+    yield client
+    client.close()
+    thread.join(5)
+    theirs.close()
+    assert not thread.is_alive()
+
+
+def test_minimal_loop_answers_what_the_ping_pong_client_needs(minimal_client):
+    c = minimal_client
+    c.negotiate()
+    assert c.server_caps["max_data_xfer_size"] == 1 << 20
+    assert c.bring_up() == {}  # no BAR to place: config space reads as zeros
+    assert c.region_read(2, 1, 1) == b"\x00"  # inputs
+    c.region_write(2, 0, b"\x5a")  # outputs
+    assert c.region_read(2, 0, 1) == b"\x5a"
+    c.region_write(2, 4, b"\xa5", posted=True)
+    assert c.region_read(2, 4, 4) == b"\xa5\x00\x00\x00"
+    with pytest.raises(ErrorReply) as err:
+        c.get_info()
+    assert err.value.errno == 38  # ENOSYS: any other command
+    with pytest.raises(ErrorReply):
+        c.reset()  # a message of a bare header
+    assert c.region_read(2, 1, 1) == b"\x00"  # and it goes on
+
+
+def test_minimal_loop_answers_raw_ping_pong_and_pipelined_requests(minimal_client):
+    c = minimal_client
+    c.negotiate()
+    sock = c.transport.sock
+    sock.setblocking(True)
+    sock.settimeout(5)
+    msg = versus_c._read_msg(7)
+    for _ in range(3):
+        sock.sendall(msg)
+        versus_c._check_reply(_recv_exact(sock, versus_c.REPLY_SIZE), "loop")
+    sock.sendall(b"".join(versus_c._read_msg(i) for i in range(256)))  # one batch, split as the kernel likes
+    replies = _recv_exact(sock, versus_c.REPLY_SIZE * 256)
+    for i in range(256):
+        reply = replies[i * versus_c.REPLY_SIZE:(i + 1) * versus_c.REPLY_SIZE]
+        versus_c._check_reply(reply, "loop")
+        assert HEADER.unpack_from(reply)[0] == i
+
+
+def test_cpu_ticks_agree_with_the_kernel():
+    assert versus_c.stat_ticks("123 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15") == 11 + 12
+    before, times_before = versus_c.cpu_ticks(os.getpid()), os.times()
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.1:
+        pass
+    after, times_after = versus_c.cpu_ticks(os.getpid()), os.times()
+    used = round((times_after.user + times_after.system - times_before.user - times_before.system)
+                 * versus_c.TICK_HZ)
+    assert abs((after - before) - used) <= 2
+    assert after - before >= 0.05 * versus_c.TICK_HZ
+
+
+def test_find_sample_says_why_it_has_none(tmp_path):
+    lib = tmp_path / "build" / "lib" / "libvfio-user.so.0"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    env = {"VFIOUSER_LIBVFIO_USER": str(lib)}
+    with pytest.raises(versus_c.SampleUnavailable, match="no executable gpio-pci-idio-16"):
+        versus_c.find_sample(str(tmp_path), env)
+    sample = tmp_path / "build" / "samples" / "gpio-pci-idio-16"
+    sample.parent.mkdir()
+    sample.write_text("#!/bin/sh\n")
+    sample.chmod(0o755)
+    assert versus_c.find_sample(str(tmp_path), env) == str(sample)
+    with pytest.raises(versus_c.SampleUnavailable, match="could not build"):
+        versus_c.find_sample(str(tmp_path), {**env, "VFIOUSER_LIBVFIO_USER_ERROR": "could not build"})
+    with pytest.raises(versus_c.SampleUnavailable, match="does not exist"):
+        versus_c.find_sample(str(tmp_path), {})  # no scripts/get-libvfio-user in this root
+    script = tmp_path / "scripts" / "get-libvfio-user"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(versus_c.SampleUnavailable, match="exit status 3.*no compiler here"):
+        versus_c.find_sample(str(tmp_path), {})
+    script.write_text(f"#!/bin/sh\necho {lib}\n")
+    assert versus_c.find_sample(str(tmp_path), {}) == str(sample)
+
+
+def test_ping_pong_and_pipelined_against_server_processes(sockdir):
+    budget = versus_c.CpuBudget(min_messages=300, min_ticks=0, max_s=0.0)
+    for key in ("loop", "ours"):
+        server = versus_c.ServerProcess.start(key, sockdir)
+        try:
+            server.pin(sorted(os.sched_getaffinity(0)))
+            pp = versus_c.ping_pong(server, budget, warmup=10, chunk=100)
+            pl = versus_c.pipelined(server, budget, batch=64, chunk=2)
+        finally:
+            server.close()
+        assert pp["n"] == pp["messages"] >= 300 and pp["median"] > 0 and pp["cpu_ticks"] >= 0
+        assert pl["messages"] >= 300 and pl["messages"] % 64 == 0 and pl["rate"] > 0
+        assert not os.path.exists(server.path)
+
+
+@pytest.mark.qemu
+def test_trapped_rig_measures_every_case_on_every_server(qemu_binary, monkeypatch, tmp_path):
+    """Our idio16 (and the C sample when scripts/test built it) through QEMU: structure only."""
+    monkeypatch.setenv("QEMU", qemu_binary)
+    keys = ["ours", "poll"]
+    sample = None
+    if os.environ.get("VFIOUSER_LIBVFIO_USER"):
+        sample = versus_c.find_sample(str(tmp_path))
+        keys.append("c")
+    servers = versus_c._Servers(keys, sample)
+    try:
+        assert set(servers.servers) == set(keys), servers.missing
+        rig = versus_c.TrappedRig(servers.servers)  # checks that each answers through BAR2
+        try:
+            rows = versus_c.trapped(rig, iterations=20, rounds=2, warmup=5)
+        finally:
+            rig.close()
+    finally:
+        servers.close()
+    assert [(r["op"], r["size"]) for r in rows] == [(c.op, c.size) for c in versus_c.CASES]
+    for row in rows:
+        assert {"floor", *keys} <= set(row)
+        assert all(row[k]["n"] == 20 for k in ("floor", *keys))
+
+
+def _summary(median: float) -> dict:
+    return {"n": 100, "median": median, "p90": median * 1.2, "mean": median, "min": median / 2, "p10": median * 0.9}
+
+
+def _fake_versus_c(*, with_c: bool = True) -> dict:
+    def row(op, size, offset, ours, c, poll):
+        r = {"op": op, "size": size, "offset": offset, "floor": _summary(14.0), "ours": _summary(ours),
+             "poll": _summary(poll)}
+        if with_c:
+            r["c"] = _summary(c)
+        return r
+
+    def wire_entry(pp_us, cpu_us, rate, pl_cpu):
+        return {"ping_pong": {**_summary(pp_us), "messages": 20000, "cpu_ticks": 200, "wall_s": 1.0,
+                              "cpu_us_per_msg": cpu_us, "cpu_share": 0.5},
+                "pipelined": {"rate": rate, "batch": 256, "messages": 100096, "cpu_ticks": 100, "wall_s": 0.5,
+                              "cpu_us_per_msg": pl_cpu, "cpu_share": 1.0}}
+
+    trapped_passes = [
+        {"label": "server on its own CPU", "rows": [row("read", 1, 1, 70.0, 65.0, 36.0),
+                                                    row("write", 4, 4, 72.0, 66.0, 37.0)]},
+        {"label": "server on the harness CPU", "rows": [row("read", 1, 1, 40.0, 30.0, 38.0)]},
+    ]
+    servers = {"ours": wire_entry(50.0, 13.0, 400_000, 2.0), "loop": wire_entry(45.0, 10.0, 900_000, 0.9)}
+    if with_c:
+        servers["c"] = wire_entry(48.0, 6.0, 200_000, 4.0)
+    return {
+        "tick_hz": 100, "iterations": 6000, "rounds": 6, "poll_us": 50, "duration_s": 42.0,
+        "budget": {"ping_pong": {"min_messages": 20000, "min_ticks": 200, "max_s": 4.0},
+                   "pipelined": {"min_messages": 100000, "min_ticks": 100, "max_s": 2.0}},
+        "sample": {"path": "/x/samples/gpio-pci-idio-16"} if with_c else
+                  {"path": None, "unavailable": "scripts/get-libvfio-user failed (exit status 1): no meson"},
+        "trapped": {"passes": trapped_passes, "missing": {}},
+        "wire": {"passes": [{"label": "server on its own CPU", "servers": servers}], "missing": {}},
+    }
+
+
+def test_report_renders_the_versus_c_section(quick_protocol_run):
+    results = dict(quick_protocol_run[0])
+    results["versus-c"] = _fake_versus_c()
+    checklist = versus_c_targets(results)
+    assert [t["holds"] for t in checklist] == [
+        13.0 / 10.0 <= TARGET_CPU_VS_LOOP,  # CPU per ping-pong message vs the loop (own CPU)
+        70.0 / 65.0 <= TARGET_TRAPPED_VS_C, 40.0 / 30.0 <= TARGET_TRAPPED_VS_C,  # trapped read vs C, 2 placements
+        True, False,  # --poll-us 50 below C: 36 < 65 yes, 38 < 30 no
+    ]
+    text = render_markdown(results)
+    assert "## 7. Side by side with C" in text
+    for needle in ("### Trapped I/O through QEMU", "### Without QEMU: ping-pong, pipelining and CPU time per message",
+                   "`/proc/PID/stat`", "| I/O read 1 B (offset 1) | 14.0 | 65.0 (p90 78.0) | 4.64× | 70.0 (p90 84.0) |",
+                   "| server on its own CPU | ours | 50.0 (p90 60.0) | 1.04× | 1.11× | 13.0 | 2.17× | 1.30× |",
+                   "20,000 (200 ticks)", "±1 tick is at most 1.0% of any figure here",
+                   "Side by side with C (section 7): 3 of 5 targets hold"):
+        assert needle in text, needle
+    assert text.count("**yes**") >= 3 and "**no**" in text
+
+
+def test_report_says_when_the_c_sample_is_missing(quick_protocol_run):
+    results = dict(quick_protocol_run[0])
+    results["versus-c"] = _fake_versus_c(with_c=False)
+    text = render_markdown(results)
+    assert "The C sample is not available, so no C figures:** scripts/get-libvfio-user failed" in text
+    holds = [t["holds"] for t in versus_c_targets(results)]
+    assert holds[0] is not None and holds[1:] == [None] * 4
+    results["versus-c"] = {"unavailable": "no QEMU"}
+    assert "Not available: no QEMU" in render_markdown(results)
+    assert all(t["holds"] is None for t in versus_c_targets(results))
+
+
+def test_versus_c_can_be_run_alone():
+    args = _parser().parse_args(["--quick", "--only", "versus-c"])
+    assert args.only == ["versus-c"] and "versus-c" in SECTIONS

@@ -14,6 +14,9 @@ section         what
 ``dma``         DMA bandwidth, mmap and message mode (:mod:`.dmabw`)
 ``writemulti``  REGION_WRITE_MULTI under a burst of posted writes (:mod:`.burst`)
 ``guest``       guest boot-to-driver-ready time and server RSS (:mod:`.boot`)
+``versus-c``    our idio16 next to libvfio-user's C ``gpio-pci-idio-16`` sample and a
+                minimal Python loop: trapped I/O through QEMU, ping-pong, pipelining,
+                each server's CPU time per message (:mod:`.versus_c`)
 ==============  ==================================================================
 
 ``--quick`` runs fewer iterations; ``--only SECTION`` (repeatable) runs some
@@ -36,7 +39,7 @@ __all__ = ["SECTIONS", "Settings", "run", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("latency", "mmap", "protocol", "dma", "writemulti", "guest")
+SECTIONS = ("latency", "mmap", "protocol", "dma", "writemulti", "guest", "versus-c")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -56,6 +59,11 @@ class Settings:
     dma_min_seconds: float
     stall_ms: int
     guest_baseline: bool
+    #: versus-c, trapped I/O: ``(samples per figure, blocks)`` (warm-up: ``latency_warmup``)
+    versus_latency: tuple[int, int] = (6000, 6)
+    #: versus-c, CPU-timed runs, ``(min messages, min clock ticks of server CPU, max seconds)``
+    versus_pingpong: tuple[int, int, float] = (20_000, 100, 3.0)
+    versus_pipelined: tuple[int, int, float] = (100_000, 100, 1.5)
 
     @classmethod
     def full(cls) -> Settings:
@@ -64,7 +72,8 @@ class Settings:
 
     @classmethod
     def quick_run(cls) -> Settings:
-        return cls(True, 300, 1, 50, 2000, 300, 20_000, (4 << 10, 64 << 10, 1 << 20), 2, 0.02, 200, False)
+        return cls(True, 300, 1, 50, 2000, 300, 20_000, (4 << 10, 64 << 10, 1 << 20), 2, 0.02, 200, False,
+                   versus_latency=(1200, 4), versus_pingpong=(5_000, 50, 1.5), versus_pipelined=(20_000, 25, 0.75))
 
 
 def _unavailable_reason(exc: BaseException) -> str | None:
@@ -182,6 +191,16 @@ def _guest(results: dict, settings: Settings, placement) -> None:
         placement.apply_harness()
 
 
+def _versus_c(results: dict, settings: Settings, placement) -> None:
+    from . import versus_c
+
+    # Both placements even in a quick run: the issue's targets name both.
+    results["versus-c"] = versus_c.run(
+        root=ROOT, passes=_passes(placement, quick=False), iterations=settings.versus_latency[0],
+        rounds=settings.versus_latency[1], warmup=settings.latency_warmup,
+        pingpong=versus_c.CpuBudget(*settings.versus_pingpong), pipeline=versus_c.CpuBudget(*settings.versus_pipelined))
+
+
 def run(sections=SECTIONS, settings: Settings | None = None, *, pin: bool = True, command: str = "") -> dict:
     """Measure ``sections``; the results as plain data (what the report and ``--json`` use)."""
     from .machine import describe_machine
@@ -200,7 +219,8 @@ def run(sections=SECTIONS, settings: Settings | None = None, *, pin: bool = True
         if want & {"latency", "mmap"}:
             _guarded(results, sorted(want & {"latency", "mmap"}),
                      lambda: _latency_and_mmap(results, want, settings, placement))
-        for key, fn in (("protocol", _protocol), ("dma", _dma), ("writemulti", _writemulti), ("guest", _guest)):
+        for key, fn in (("protocol", _protocol), ("dma", _dma), ("writemulti", _writemulti), ("guest", _guest),
+                        ("versus-c", _versus_c)):
             if key in want:
                 log.info("section %s", key)
                 _guarded(results, [key], lambda fn=fn: fn(results, settings, placement))
@@ -283,12 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
-    from .report import targets
+    from .report import targets, versus_c_targets
 
     print("\nTargets (issue 5):")
     for t in targets(results):
         holds = {True: "holds", False: "MISSED", None: "not measured"}[t["holds"]]
         print(f"  {holds:12} {t['target']}: {t['measured']}")
+    if "versus-c" in sections:
+        print("\nTargets (C side by side):")
+        unavailable = ((results.get("versus-c") or {}).get("sample") or {}).get("unavailable")
+        if unavailable:
+            print(f"  the C sample is not available: {unavailable}")
+        for t in versus_c_targets(results):
+            holds = {True: "holds", False: "MISSED", None: "not measured"}[t["holds"]]
+            print(f"  {holds:12} {t['target']}: {t['measured']}")
     failed = [k for k in sections if "error" in results.get(k, {})]
     if failed:
         print(f"\nSections that failed: {', '.join(failed)} (see the log above)")
