@@ -123,6 +123,7 @@ class Field:
     """One field of a register: its bits and behaviour (see the module docstring).
 
     ``bits`` is a bit number or ``(msb, lsb)``; ``reset`` the field's reset value;
+    ``sticky`` (default: an interrupt field is) makes a hardware write set bits, never clear them;
     ``enable``/``mask`` (interrupt fields only) name another field, ``"reg.field"``,
     whose bits enable or mask this one's.
     """
@@ -131,7 +132,7 @@ class Field:
                  "enable", "mask_by", "doc")
 
     def __init__(self, name: str, bits, *, sw: str = RW, hw: str = RW, reset: int = 0, onread: str | None = None,
-                 onwrite: str | None = None, intr: bool = False, sticky: bool = True, enable: str | None = None,
+                 onwrite: str | None = None, intr: bool = False, sticky: bool | None = None, enable: str | None = None,
                  mask: str | None = None, doc: str = "") -> None:
         self.name = name
         self.lsb, self.width = _bits(bits)
@@ -155,7 +156,8 @@ class Field:
             raise RegisterDefinitionError(f"field {name}: reset value {reset:#x} does not fit in {self.width} bit(s)")
         self.sw, self.hw, self.reset = sw, hw, reset
         self.onread, self.onwrite = onread, onwrite
-        self.intr, self.sticky = bool(intr), bool(sticky)
+        self.intr = bool(intr)
+        self.sticky = self.intr if sticky is None else bool(sticky)
         self.enable, self.mask_by = enable, mask
         self.doc = doc
 

@@ -452,8 +452,8 @@ class RegisterBlock(DeviceIo):
 
     def hw_write(self, path: str, value: int) -> None:
         """Write register or field ``path`` from the hardware side (a host API, a device engine):
-        only fields whose ``hw`` allows writes change; a sticky interrupt field ORs the new bits
-        in (software clears them). The interrupt line follows."""
+        only fields whose ``hw`` allows writes change; a sticky field (an interrupt field, unless
+        declared otherwise) ORs the new bits in (software clears them). The interrupt line follows."""
         reg, field = self._resolve_value(path)
         if field is not None:
             if field.hw not in (RW, WO):
@@ -468,7 +468,7 @@ class RegisterBlock(DeviceIo):
         new = reg.value
         for f in fields:
             bits = value & f.mask
-            new = (new | bits) if f.intr and f.sticky else (new & ~f.mask) | bits
+            new = (new | bits) if f.sticky else (new & ~f.mask) | bits
         reg.value = new
         if self._intr:
             self.update_interrupt()

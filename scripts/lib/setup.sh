@@ -31,10 +31,10 @@ setup_venv() {
     stamp=$VENV/.vfiouser-installed
     want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        say "installing vfiouser and its test dependencies"
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" 2>&1 |
+        say "installing vfiouser, its test dependencies and SystemRDL support"
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,rdl]" 2>&1 |
             grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis' ||
+        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis, systemrdl' ||
             { echo "installing vfiouser failed" >&2; return 1; }
         echo "$want" >"$stamp"
     fi
