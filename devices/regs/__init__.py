@@ -7,7 +7,8 @@ and banked registers (:func:`when`), "frozen while" conditions, and the
 block's :class:`AccessPolicy` (what narrow, wide or misaligned accesses do).
 ``regmap.instantiate(owner)`` builds a live :class:`RegisterBlock`, an I/O
 handler to map onto a BAR; behaviour that is not storage lives in hooks
-attached by name (:func:`on_read`, :func:`on_write`, :func:`after_read`).
+attached by name (:func:`on_read`, :func:`on_write`, :func:`before_write`,
+:func:`after_read`).
 :mod:`vfiouser.devices.regs.rdl` builds a map from a SystemRDL file.
 
 The same write engine (:func:`apply_write`) applies PCI configuration space's
@@ -36,13 +37,13 @@ from .access import (
     RegisterDefinitionError,
     apply_write,
 )
-from .block import RegisterBlock, RegisterMap, after_read, on_read, on_write
+from .block import RegisterBlock, RegisterMap, after_read, before_write, on_read, on_write
 from .policy import DECLINE, DEFAULT_POLICY, EXTEND, LANES, SPLIT, AccessPolicy
 from .register import Condition, Register, group, when
 
 __all__ = [
     "Field", "Register", "RegisterMap", "RegisterBlock", "AccessPolicy", "Condition", "RegisterDefinitionError",
-    "group", "when", "on_read", "on_write", "after_read", "apply_write",
+    "group", "when", "on_read", "on_write", "before_write", "after_read", "apply_write",
     "RW", "RO", "WO", "RSVD", "W1C", "W1S", "W1T", "W0C", "W0S", "W0T", "WCLR", "WSET", "RCLR", "RSET",
     "ACCESS_KINDS", "WRITE_EFFECTS", "READ_EFFECTS", "LANES", "EXTEND", "DECLINE", "SPLIT", "DEFAULT_POLICY",
 ]

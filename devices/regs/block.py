@@ -21,8 +21,9 @@ A :class:`RegisterBlock` is an I/O handler (:class:`~vfiouser.iomgr.DeviceIo`):
 ``bar.map(regs, offset, size)`` puts it on a BAR. Model behaviour that is not
 storage attaches as hooks, by name (``"reg"``, ``"reg.field"``, ``"array.reg"``
 for every element of an array): :meth:`RegisterBlock.on_read` supplies a value,
-:meth:`RegisterBlock.on_write` reacts to a write, :meth:`RegisterBlock.after_read`
-to a read; or decorate the owner's methods with :func:`on_read`/:func:`on_write`/
+:meth:`RegisterBlock.on_write` reacts to a write, :meth:`RegisterBlock.before_write`
+may change or drop one, :meth:`RegisterBlock.after_read` reacts to a read; or decorate
+the owner's methods with :func:`on_read`/:func:`on_write`/:func:`before_write`/
 :func:`after_read` and pass ``owner=``. Hooks run under whatever lock the caller
 holds (a :class:`~vfiouser.devices.pci.PciDevice` holds its ``lock`` around every
 access); host-side code that changes registers takes that lock itself.
@@ -42,7 +43,7 @@ from .policy import DECLINE, DEFAULT_POLICY, EXTEND, AccessPolicy
 from .register import Condition, Register, template_of
 from .table import markdown_table
 
-__all__ = ["RegisterMap", "RegisterBlock", "on_read", "on_write", "after_read"]
+__all__ = ["RegisterMap", "RegisterBlock", "on_read", "on_write", "before_write", "after_read"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ def on_write(path: str, *, block: str | None = None):
     """Mark a method of the owner as a write hook of ``path``: ``fn(reg, value)``, after the
     write took effect (``value``: what software wrote, for a field its bits)."""
     return _decorator("write", path, block)
+
+
+def before_write(path: str, *, block: str | None = None):
+    """Mark a method of the owner as the before-write hook of register ``path``:
+    ``fn(reg, value) -> int | None`` gets the value software writes (the whole register,
+    lanes merged) and returns what the write engine should apply, or ``None`` to drop the
+    write (no other hook runs then)."""
+    return _decorator("before", path, block)
 
 
 def after_read(path: str, *, block: str | None = None):
@@ -234,6 +243,17 @@ class RegisterBlock(DeviceIo):
                 reg.field_write_hooks.sort(key=lambda h: h[0].lsb)
         self._refresh()
 
+    def before_write(self, path: str, fn: Callable) -> None:
+        """``fn(reg, value) -> int | None`` sees every software write to register ``path``
+        before it takes effect: it returns the value to write, or ``None`` to drop the write."""
+        for reg, field in self._targets(path):
+            if field is not None:
+                raise RegisterDefinitionError(f"{path}: a before-write hook belongs to a register, not a field")
+            if reg.before_write is not None:
+                raise RegisterDefinitionError(f"{reg.path} already has a before-write hook")
+            reg.before_write = fn
+        self._refresh()
+
     def after_read(self, path: str, fn: Callable) -> None:
         """``fn(reg, value)`` runs after software read ``path`` and its read effects took place."""
         for reg, _field in self._targets(path):
@@ -241,8 +261,8 @@ class RegisterBlock(DeviceIo):
         self._refresh()
 
     def bind(self, owner: object) -> None:
-        """Attach ``owner``'s methods decorated with :func:`on_read`, :func:`on_write` and
-        :func:`after_read` (those for this block: no ``block=``, or this block's name)."""
+        """Attach ``owner``'s methods decorated with :func:`on_read`, :func:`on_write`,
+        :func:`before_write` and :func:`after_read` (those for this block: no ``block=``, or this block's name)."""
         seen = set()
         for klass in type(owner).__mro__:
             for attr, fn in vars(klass).items():
@@ -254,7 +274,8 @@ class RegisterBlock(DeviceIo):
                 for kind, path, block in hooks:
                     if block is not None and block != self.name:
                         continue
-                    {"read": self.on_read, "write": self.on_write, "after": self.after_read}[kind](path, bound)
+                    {"read": self.on_read, "write": self.on_write, "before": self.before_write,
+                     "after": self.after_read}[kind](path, bound)
 
     # -- decoding tables --------------------------------------------------------------------
 
@@ -264,7 +285,7 @@ class RegisterBlock(DeviceIo):
         wbytes: dict[int, list[Register]] = {}
         for r in self.registers:
             reads = r.readable or r.read_hook is not None or r.field_read_hooks or r.after_read_hooks
-            writes = r.writable or r.write_hooks or r.field_write_hooks
+            writes = r.writable or r.write_hooks or r.field_write_hooks or r.before_write is not None
             for pos in range(r.offset, r.end):
                 if reads:
                     rbytes.setdefault(pos, []).append(r)
@@ -290,7 +311,7 @@ class RegisterBlock(DeviceIo):
                 self._rfast[r.offset] = (r.nbytes, fmt.pack_into, r, plain)
             if all(wbytes.get(p) == [r] for p in range(r.offset, r.end)):
                 plain = (r.plain_write and not r.write_hooks and not r.field_write_hooks and r.frozen is None
-                         and not r.irq and r.alias_of is None)
+                         and r.before_write is None and not r.irq and r.alias_of is None)
                 self._wfast[r.offset] = (r.nbytes, fmt.unpack_from, r, plain)
 
     # -- the bus side (DeviceIo) --------------------------------------------------------------

@@ -121,6 +121,7 @@ class Register:
         # Filled in when a block adopts a live copy.
         self.block = None
         self.read_hook = None
+        self.before_write = None
         self.field_read_hooks: list = []
         self.write_hooks: list = []
         self.field_write_hooks: list = []
@@ -164,6 +165,7 @@ class Register:
             obj.value = self.reset_value
         obj.block = None
         obj.read_hook = None
+        obj.before_write = None
         obj.field_read_hooks, obj.write_hooks, obj.field_write_hooks, obj.after_read_hooks = [], [], [], []
         obj.frozen = None
         obj.irq = False
@@ -233,13 +235,20 @@ class Register:
 
     def sw_write(self, data: int, lanes: int) -> None:
         """A software write of ``data`` to the bytes in ``lanes``: nothing while frozen; else
-        the write engine, then the field hooks (fields the lanes touch, low bits first), then
-        the register's hooks, each given the value written (lanes merged with what was there)."""
+        the before-write hook (which may change the value or drop the write), the write
+        engine, then the field hooks (fields the lanes touch, low bits first), then the
+        register's hooks, each given the value written (lanes merged with what was there)."""
         frozen = self.frozen
         if frozen is not None and frozen():
             log.debug("write of %#x to %s ignored: frozen", data, self.path)
             return
         old = self.value
+        before = self.before_write
+        if before is not None:
+            data = before(self, (old & ~lanes) | (data & lanes))
+            if data is None:
+                return
+            lanes = self.full
         self.value = apply_write(old, data, lanes, *self.wmasks)
         if self.field_write_hooks or self.write_hooks:
             merged = (old & ~lanes) | (data & lanes)
