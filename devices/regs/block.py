@@ -40,7 +40,7 @@ from vfiouser.iomgr import DeviceIo
 
 from .access import RO, RW, WO, Field, RegisterDefinitionError
 from .policy import DECLINE, DEFAULT_POLICY, EXTEND, AccessPolicy
-from .register import Condition, Register, template_of
+from .register import Condition, Register
 from .table import markdown_table
 
 __all__ = ["RegisterMap", "RegisterBlock", "on_read", "on_write", "before_write", "after_read"]

@@ -167,7 +167,7 @@ def _register(node, top) -> Register:
 def load_rdl(path: str | os.PathLike, *, top: str | None = None, includes: list[str] | None = None) -> RegisterMap:
     """Compile the SystemRDL file ``path`` and return its top address map (``top``: which
     one, by type name; default the last defined) as a :class:`RegisterMap`."""
-    from systemrdl.node import AddrmapNode, FieldNode, MemNode, RegfileNode, RegNode, SignalNode  # noqa: F401
+    from systemrdl.node import AddrmapNode, MemNode, RegfileNode, RegNode, SignalNode
 
     compiler, printer = _compiler()
     from systemrdl import RDLCompileError
