@@ -37,7 +37,9 @@ from .access import (
     RegisterDefinitionError,
     apply_write,
 )
-from .block import RegisterBlock, RegisterMap, after_read, before_write, on_read, on_write
+from .block import RegisterBlock
+from .hooks import after_read, before_write, on_read, on_write
+from .regmap import RegisterMap
 from .policy import DECLINE, DEFAULT_POLICY, EXTEND, LANES, SPLIT, AccessPolicy
 from .register import Condition, Register, group, when
 

@@ -33,115 +33,25 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from vfiouser.devices.errors import DeviceUsageError
 from vfiouser.iomgr import DeviceIo
 
-from .access import RO, RW, WO, Field, RegisterDefinitionError
-from .policy import DECLINE, DEFAULT_POLICY, EXTEND, AccessPolicy
+from .access import Field, RegisterDefinitionError
+from .hooks import HOOK_ATTR, after_read, before_write, on_read, on_write
+from .hwside import HardwareSide
+from .policy import DECLINE, EXTEND
 from .register import Condition, Register
-from .table import markdown_table
+from .regmap import RegisterMap
 
 __all__ = ["RegisterMap", "RegisterBlock", "on_read", "on_write", "before_write", "after_read"]
 
 log = logging.getLogger(__name__)
 
-_HOOK_ATTR = "_vfiouser_register_hooks"
 _STRUCTS = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 
 
-def _decorator(kind: str, path: str, block: str | None):
-    def mark(fn):
-        hooks = list(getattr(fn, _HOOK_ATTR, ()))
-        hooks.append((kind, path, block))
-        setattr(fn, _HOOK_ATTR, hooks)
-        return fn
-    return mark
-
-
-def on_read(path: str, *, block: str | None = None):
-    """Mark a method of the owner as the read hook of ``path``: ``fn(reg) -> int | None``
-    (the value read; ``None``: the stored one). ``block``: only for the block of that name."""
-    return _decorator("read", path, block)
-
-
-def on_write(path: str, *, block: str | None = None):
-    """Mark a method of the owner as a write hook of ``path``: ``fn(reg, value)``, after the
-    write took effect (``value``: what software wrote, for a field its bits)."""
-    return _decorator("write", path, block)
-
-
-def before_write(path: str, *, block: str | None = None):
-    """Mark a method of the owner as the before-write hook of register ``path``:
-    ``fn(reg, value) -> int | None`` gets the value software writes (the whole register,
-    lanes merged) and returns what the write engine should apply, or ``None`` to drop the
-    write (no other hook runs then)."""
-    return _decorator("before", path, block)
-
-
-def after_read(path: str, *, block: str | None = None):
-    """Mark a method of the owner as an after-read hook of ``path``: ``fn(reg, value)``, once
-    the read's side effects are done (``value``: what software read)."""
-    return _decorator("after", path, block)
-
-
-def _flatten(items) -> list[Register]:
-    out = []
-    for item in items:
-        if isinstance(item, Register):
-            out.append(item)
-        else:
-            out.extend(_flatten(item))
-    return out
-
-
-class RegisterMap:
-    """The declaration: registers (with :func:`~vfiouser.devices.regs.register.group` for
-    register files and arrays), a name, the access policy, the size it spans."""
-
-    def __init__(self, registers: Iterable, *, name: str = "", policy: AccessPolicy = DEFAULT_POLICY,
-                 size: int | None = None, doc: str = "") -> None:
-        self.registers = _flatten(registers)
-        self.name, self.policy, self.doc = name, policy, doc
-        paths = set()
-        for r in self.registers:
-            if r.path in paths:
-                raise RegisterDefinitionError(f"{name or 'register map'}: two registers named {r.path}")
-            paths.add(r.path)
-        self._check_overlaps()
-        end = max((r.end for r in self.registers), default=0)
-        if size is not None and size < end:
-            raise RegisterDefinitionError(f"{name or 'register map'}: registers reach {end:#x}, past size {size:#x}")
-        self.size = size if size is not None else end
-
-    def _check_overlaps(self) -> None:
-        regs = sorted(self.registers, key=lambda r: r.offset)
-        for i, a in enumerate(regs):
-            for b in regs[i + 1:]:
-                if b.offset >= a.end:
-                    break
-                banked = a.bank is not None and b.bank is not None
-                both_read = a.readable and b.readable
-                both_write = a.writable and b.writable
-                if not banked and (both_read or both_write):
-                    raise RegisterDefinitionError(
-                        f"{self.name or 'register map'}: {a.path} ({a.offset:#x}) and {b.path} ({b.offset:#x}) "
-                        "overlap; give both a bank condition, or make one read-only and the other write-only")
-
-    def instantiate(self, owner: object = None, *, name: str | None = None) -> RegisterBlock:
-        """A live :class:`RegisterBlock` of this map, with ``owner``'s decorated hooks bound."""
-        return RegisterBlock(self, owner=owner, name=name)
-
-    def markdown(self) -> str:
-        """The register table, in Markdown (offset, register, bits, field, access, reset, description)."""
-        return markdown_table(self)
-
-    def __repr__(self) -> str:
-        return f"<RegisterMap {self.name or '?'}: {len(self.registers)} registers, {self.size:#x} bytes>"
-
-
-class RegisterBlock(DeviceIo):
+class RegisterBlock(HardwareSide, DeviceIo):
     """Live registers of one device, decoding accesses (see the module docstring)."""
 
     def __init__(self, regmap: RegisterMap, *, owner: object = None, name: str | None = None) -> None:
@@ -266,7 +176,7 @@ class RegisterBlock(DeviceIo):
         seen = set()
         for klass in type(owner).__mro__:
             for attr, fn in vars(klass).items():
-                hooks = getattr(fn, _HOOK_ATTR, None)
+                hooks = getattr(fn, HOOK_ATTR, None)
                 if not hooks or attr in seen:
                     continue
                 seen.add(attr)
@@ -409,122 +319,6 @@ class RegisterBlock(DeviceIo):
             lo, hi = start - r.offset, end - r.offset
             value = int.from_bytes(data[start - offset:end - offset], "little") << (8 * lo)
             r.sw_write(value, ((1 << (8 * (hi - lo))) - 1) << (8 * lo))
-
-    # -- interrupts ---------------------------------------------------------------------------
-
-    def _compile_interrupts(self) -> list:
-        out = []
-        for r in self.registers:
-            for f in r.intr_fields:
-                en = mk = None
-                for ref, kind in ((f.enable, "enable"), (f.mask_by, "mask")):
-                    if ref is None:
-                        continue
-                    src, sf = self._resolve_value(ref, r.scope)
-                    src.irq = True
-                    shift, width_mask = (sf.lsb, (1 << sf.width) - 1) if sf is not None else (0, src.full)
-                    getter = (lambda s=src, sh=shift, m=width_mask: (s.value >> sh) & m)
-                    if kind == "enable":
-                        en = getter
-                    else:
-                        mk = getter
-                out.append((r, f, en, mk))
-                r.irq = True
-        for r in self.registers:  # an alias of an interrupt register changes it too
-            if r.alias_of is not None and r.primary.irq:
-                r.irq = True
-        return out
-
-    def update_interrupt(self) -> None:
-        """Recompute the OR of the interrupt fields; call :attr:`on_interrupt` if it changed."""
-        level = False
-        for r, f, en, mk in self._intr:
-            bits = (r.value & f.mask) >> f.lsb
-            if en is not None:
-                bits &= en()
-            if mk is not None:
-                bits &= ~mk()
-            if bits:
-                level = True
-                break
-        if level != self.irq_level:
-            self.irq_level = level
-            callback = self.on_interrupt
-            if callback is not None:
-                callback(level)
-
-    @property
-    def has_interrupts(self) -> bool:
-        """Whether any field is an interrupt (``intr``)."""
-        return bool(self._intr)
-
-    # -- the hardware side ----------------------------------------------------------------------
-
-    def hw_read(self, path: str) -> int:
-        """The value of register or field ``path``, as the hardware sees it (``hw`` must allow reads)."""
-        reg, field = self._resolve_value(path)
-        fields = [field] if field is not None else list(reg.fields)
-        denied = [f.name for f in fields if f.hw not in (RW, RO)]
-        if denied and field is not None:
-            raise DeviceUsageError(f"{path} is not readable by hardware (hw={field.hw})")
-        if field is not None:
-            return reg.get(field.name)
-        return sum(reg.value & f.mask for f in fields if f.hw in (RW, RO))
-
-    def hw_write(self, path: str, value: int) -> None:
-        """Write register or field ``path`` from the hardware side (a host API, a device engine):
-        only fields whose ``hw`` allows writes change; a sticky field (an interrupt field, unless
-        declared otherwise) ORs the new bits in (software clears them). The interrupt line follows."""
-        reg, field = self._resolve_value(path)
-        if field is not None:
-            if field.hw not in (RW, WO):
-                raise DeviceUsageError(f"{path} is not writable by hardware (hw={field.hw})")
-            if value < 0 or value >> field.width:
-                raise DeviceUsageError(f"{value:#x} does not fit in {path} ({field.width} bits)")
-            fields, value = [field], value << field.lsb
-        else:
-            if value < 0 or value > reg.full:
-                raise DeviceUsageError(f"{value:#x} does not fit in {path} ({reg.width} bits)")
-            fields = [f for f in reg.fields if f.hw in (RW, WO)]
-        new = reg.value
-        for f in fields:
-            bits = value & f.mask
-            new = (new | bits) if f.sticky else (new & ~f.mask) | bits
-        reg.value = new
-        if self._intr:
-            self.update_interrupt()
-
-    def reset(self) -> None:
-        """Every register back to its reset value (the interrupt line follows)."""
-        for r in self.registers:
-            if r.alias_of is None:
-                r.reset()
-        if self._intr:
-            self.update_interrupt()
-
-    # -- description ------------------------------------------------------------------------------
-
-    def lookup(self, offset: int, size: int, *, write: bool = False) -> list[tuple[Register, list[Field]]]:
-        """The registers (and their fields) an access of ``size`` bytes at ``offset`` reaches
-        now (banks as they are selected)."""
-        out = []
-        for r in self._touched(self._wbytes if write else self._rbytes, offset, size):
-            span = self._span(r, offset, size)
-            if span is None:
-                continue
-            lo, hi = span[0] - r.offset, span[1] - r.offset
-            out.append((r, r.fields_in(((1 << (8 * (hi - lo))) - 1) << (8 * lo))))
-        return out
-
-    def describe(self, offset: int, size: int, *, write: bool = False) -> str:
-        """Register and field names for an access, for logs: ``"status (ready, done)"``."""
-        parts = []
-        for r, fields in self.lookup(offset, size, write=write):
-            if r.implicit or not fields:
-                parts.append(r.path)
-            else:
-                parts.append(f"{r.path} ({', '.join(f.name for f in fields)})")
-        return ", ".join(parts)
 
     def markdown(self) -> str:
         """The register table (see :meth:`RegisterMap.markdown`)."""
