@@ -222,6 +222,11 @@ class DevicePort(abc.ABC):
         """A short name for logs."""
         return type(self).__name__
 
+    def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """The names of the registers and fields an access reaches, for logs and traces
+        (``"status (ready, done)"``); empty where the model declares none. Never raises."""
+        return ""
+
 
 def as_port(device) -> DevicePort:
     """``device`` itself if it is a :class:`DevicePort`, else its ``port`` (a model's)."""

@@ -48,6 +48,8 @@ _REGION_READ = int(Command.REGION_READ)
 _REGION_WRITE = int(Command.REGION_WRITE)
 _ACCESS_SIZE = HEADER_SIZE + REGION_ACCESS.size  # header + region access: 32 bytes
 _ACCESS_UNPACK = REGION_ACCESS.unpack_from
+#: Accesses whose -v log line names the registers they reach.
+_NAMED_ACCESSES = (Command.REGION_READ, Command.REGION_WRITE)
 #: a reply's header and region access in one pack
 _REPLY_ACCESS = struct.Struct(HEADER.format + REGION_ACCESS.format.lstrip("<"))
 #: a REGION_WRITE payload of 1, 2, 4 or 8 data bytes in one unpack (the data comes out as bytes)
@@ -134,8 +136,13 @@ class Dispatcher:
             if payload is not None:
                 outbox.record("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
             if outbox.verbose:
-                self.log.debug("<<< %s", describe(cmd, flags, payload if payload is not None else b"",
-                                                  msg_id=msg_id, nfds=len(fds)))
+                line = describe(cmd, flags, payload if payload is not None else b"", msg_id=msg_id, nfds=len(fds))
+                if cmd in _NAMED_ACCESSES and payload is not None and len(payload) >= REGION_ACCESS.size:
+                    offset, region, count = _ACCESS_UNPACK(payload)  # the registers it reaches, by name
+                    names = self.port.describe_access(region, offset, count, write=cmd == Command.REGION_WRITE)
+                    if names:
+                        line += f" [{names}]"
+                self.log.debug("<<< %s", line)
         mtype = flags & _TYPE_MASK
         if mtype == _REPLY:
             self.session.requester.route_reply(msg_id, cmd, flags, error_no, payload, fds)

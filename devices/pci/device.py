@@ -426,6 +426,23 @@ class PciDevice(DeviceIo):
             seen.add(key)
             self.log.warning(message, *args)
 
+    def register_names(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """The registers and fields (of a :class:`~vfiouser.devices.regs.RegisterBlock` mapped
+        on BAR ``index``) an access of ``size`` bytes at ``offset`` reaches, as
+        ``"BAR0 edu.status (computing)"``; empty where no register block is mapped."""
+        from vfiouser.devices.regs import RegisterBlock
+
+        bar = self.bars.get(index)
+        if bar is None:
+            return ""
+        for block_off, block_size, handler in bar.mappings:
+            if isinstance(handler, RegisterBlock) and block_off <= offset < block_off + block_size:
+                names = handler.describe(offset - block_off, size, write=write)
+                if names:
+                    prefix = f"{handler.name}." if handler.name else ""
+                    return f"BAR{index} {prefix}{names}"
+        return ""
+
     # -- config space hooks (override for device-specific registers) -------------
 
     def config_read(self, offset: int, data: bytearray | memoryview) -> None:

@@ -84,6 +84,13 @@ class PciPort(DevicePort):
     def describe(self) -> str:
         return repr(self.device)
 
+    def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        try:
+            with self._lock:
+                return self.device.register_names(index, offset, size, write=write)
+        except Exception:  # a log line must never fail
+            return ""
+
     # -- access (the hot path) ---------------------------------------------------
 
     def _refuse(self, op: str, index: int, offset: int, size: int) -> RegionAccessError:
