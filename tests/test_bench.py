@@ -13,7 +13,7 @@ import time
 import pytest
 
 from vfiouser.bench import SECTIONS, _parser, main, versus_c
-from vfiouser.bench.device import BURST_BYTES, STALL_MS, BenchDevice
+from vfiouser.bench.device import BURST_BYTES, REGS_STATUS, STALL_MS, BenchDevice
 from vfiouser.bench.minimal import serve_connection
 from vfiouser.bench.report import TARGET_CPU_VS_LOOP, TARGET_TRAPPED_VS_C, render_markdown, targets, versus_c_targets
 from vfiouser.bench.wire import _recv_exact, server_processing
@@ -22,7 +22,9 @@ from vfiouser.errors import ErrorReply
 from vfiouser.protocol import HEADER
 
 PROCESSING_KEYS = {"region_read_4", "region_write_4", "region_write_4_posted", "config_read_4",
-                   "write_multi_200_per_write", "model_region_read_4", "on_readable_read_4_batch256"}
+                   "write_multi_200_per_write", "model_region_read_4", "on_readable_read_4_batch256",
+                   "regs_region_read_4", "regs_region_write_4", "regs_region_write_4_posted",
+                   "regs_region_write_4_w1c", "regs_model_region_read_4"}
 
 
 def test_server_processing_measures_every_message_kind():
@@ -40,6 +42,12 @@ def test_bench_device_registers_and_counters(serve):
         assert c.region_read(0, 0x10, 4) == b"\x01\x02\x03\x04"
         c.region_write(1, 0x10, b"\x55")
         assert c.region_read(1, 0x10, 1) == b"\x55"
+        c.region_write(4, 0x10, b"\x05\x06\x07\x08")  # BAR4: the register layer's register file
+        assert c.region_read(4, 0x10, 4) == b"\x05\x06\x07\x08"
+        c.region_write(4, REGS_STATUS, b"\x00\x02")  # mode 2
+        dev.block.reg("status").set("events", 0b11)
+        c.region_write(4, REGS_STATUS, b"\x01\x02")  # write 1 to clear event 0
+        assert c.region_read(4, REGS_STATUS, 2) == b"\x02\x02"
         c.region_write(0, STALL_MS, (0).to_bytes(4, "little"))
         c.region_write(3, 0x100, b"\xaa" * 8, posted=True)
         assert int.from_bytes(c.region_read(0, BURST_BYTES, 8), "little") == 8
