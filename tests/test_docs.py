@@ -17,7 +17,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["docs/writing-a-device.md", "docs/systemrdl.md"]
+PAGES = ["README.md", "docs/writing-a-device.md", "docs/systemrdl.md"]
 _BLOCK = re.compile(r"^<!-- (example|excerpt|file): ?(.*?) -->\n```[a-z]*\n(.*?)^```$", re.M | re.S)
 
 
