@@ -107,7 +107,8 @@ class Idio16(PciDevice):
     @property
     def outputs(self) -> int:
         """The 16 output lines (bit n = output n)."""
-        return self.regs.out8_15.value << 8 | self.regs.out0_7.value
+        regs = self.regs
+        return regs.out8_15.value << 8 | regs.out0_7.value
 
     @property
     def status(self) -> int:

@@ -179,10 +179,10 @@ SERIAL_REGS = RegisterMap([
 def _register_value(name: str, doc: str) -> property:
     """A model attribute that is a register's storage (``self.lsr |= LSR_DR`` changes LSR)."""
     def get(self) -> int:
-        return self.regs.reg(name).value
+        return getattr(self.regs, name).value
 
     def put(self, value: int) -> None:
-        self.regs.reg(name).value = value
+        getattr(self.regs, name).value = value
 
     return property(get, put, doc=doc)
 

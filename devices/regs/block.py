@@ -79,6 +79,7 @@ class RegisterBlock(HardwareSide, DeviceIo):
                 r.frozen = r.frozen_while.compile(self, r.scope)
             elif r.frozen_while is not None:
                 r.frozen = r.frozen_while
+        self._name_registers()
         #: Called with the new level whenever the OR of the interrupt fields changes.
         self.on_interrupt: Callable[[bool], None] | None = None
         self.irq_level = False
@@ -96,11 +97,12 @@ class RegisterBlock(HardwareSide, DeviceIo):
         except KeyError:
             raise RegisterDefinitionError(f"{self.name or 'register block'} has no register {path!r}") from None
 
-    def __getattr__(self, name: str) -> Register:
-        by_path = self.__dict__.get("_by_path")
-        if by_path is not None and name in by_path:
-            return by_path[name]
-        raise AttributeError(name)
+    def _name_registers(self) -> None:
+        """Registers whose names are identifiers (and no attribute of the block) become
+        attributes: ``regs.status`` is ``regs.reg("status")``, at an attribute's cost."""
+        for path, reg in self._by_path.items():
+            if path.isidentifier() and not hasattr(type(self), path) and path not in self.__dict__:
+                self.__dict__[path] = reg
 
     def _resolve_value(self, path: str, scope: str = "") -> tuple[Register, Field | None]:
         """``path`` (a register or ``register.field``, tried inside ``scope`` first)."""

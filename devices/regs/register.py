@@ -249,7 +249,11 @@ class Register:
             if data is None:
                 return
             lanes = self.full
-        self.value = apply_write(old, data, lanes, *self.wmasks)
+        if self.plain_write:  # apply_write with only the plain mask, inline
+            m = self.wmasks[0] & lanes
+            self.value = (old & ~m) | (data & m)
+        else:
+            self.value = apply_write(old, data, lanes, *self.wmasks)
         if self.field_write_hooks or self.write_hooks:
             merged = (old & ~lanes) | (data & lanes)
             for f, fn in self.field_write_hooks:

@@ -135,10 +135,10 @@ _QUEUE_VIEW = {"queue_size": "size", "queue_msix_vector": "msix_vector", "queue_
 def _register_value(name: str, doc: str) -> property:
     """A transport attribute that is a common-configuration register's storage."""
     def get(self) -> int:
-        return self.common.reg(name).value
+        return getattr(self.common, name).value
 
     def put(self, value: int) -> None:
-        self.common.reg(name).value = value
+        getattr(self.common, name).value = value
 
     return property(get, put, doc=doc)
 
