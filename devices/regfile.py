@@ -18,7 +18,8 @@ BAR0: memory, 32-bit, the top address map at offset 0
 Interrupt
     The OR of the map's ``intr`` fields (each with its ``enable``/``mask``)
     drives INTx while the guest has MSI off, and sends MSI vector 0 on each
-    rising edge once the guest enables MSI.
+    rising edge once the guest enables MSI (and once when MSI is enabled while
+    the line is high; disabling MSI gives the level back to INTx).
 
 Host side
     :meth:`RegfileDevice.hw_write` and :meth:`RegfileDevice.hw_read` drive and
@@ -66,6 +67,9 @@ class RegfileDevice(PciDevice):
         self.bar0 = self.add_bar(0, MemoryBar(size))
         self.bar0.map(self.regs)
         self.add_msi(vectors=1, addr64=True, per_vector_mask=False)
+        self._msi_on = False
+        # After the MSI capability's own hook: the line moves between INTx and MSI.
+        self.config.add_write_hook(self.msi.offset + 2, 2, self._msi_control_written)
 
     def _interrupt(self, level: bool) -> None:
         if self.msi_enabled():
@@ -73,6 +77,17 @@ class RegfileDevice(PciDevice):
                 self.fire_msi(0)
         else:
             self.set_intx(level)
+
+    def _msi_control_written(self, offset: int, size: int) -> None:
+        """MSI switched on while the line is high: one message, so the condition is not lost;
+        switched off: INTx takes the level again (enabling MSI dropped it)."""
+        on = self.msi_enabled()
+        if on != self._msi_on:
+            self._msi_on = on
+            if on and self.regs.irq_level:
+                self.fire_msi(0)
+            elif not on:
+                self.set_intx(self.regs.irq_level)
 
     def hw_write(self, path: str, value: int) -> None:
         """Write field or register ``path`` from the host side (its ``hw`` access must allow it)."""
@@ -85,7 +100,8 @@ class RegfileDevice(PciDevice):
             return self.regs.hw_read(path)
 
     def reset(self, kind: ResetType = ResetType.WARM) -> None:
-        """Registers back to their reset values (the framework lowered INTx; raise it again if
-        reset values leave an interrupt field set)."""
+        """Registers back to their reset values (the framework lowered INTx and turned MSI off;
+        raise INTx again if reset values leave an interrupt field set)."""
+        self._msi_on = False
         self.regs.reset()
         self._interrupt(self.regs.irq_level)

@@ -130,6 +130,11 @@ def test_hw_access_rules_and_msi():
     port.region_write(0, IRQ_STATUS, (0b01).to_bytes(4, "little"))
     dev.hw_write("irq_status.done", 1)
     assert sink.msi_sent == [0, 0]
+    # MSI off while the line is high: INTx takes the level; on again: one message for it.
+    port.region_write(7, msi + 2, (0).to_bytes(2, "little"))
+    assert dev.intx_level and sink.levels[-1] is True
+    port.region_write(7, msi + 2, (1).to_bytes(2, "little"))
+    assert sink.msi_sent == [0, 0, 0] and not dev.intx_level
 
 
 def test_regfile_errors_are_clear(tmp_path):
@@ -149,3 +154,25 @@ def test_regfile_errors_are_clear(tmp_path):
         load_rdl(edge)
     with pytest.raises(RdlError, match="no SystemRDL file"):
         load_rdl(tmp_path / "missing.rdl")
+
+
+def test_ip_xact_comes_in_through_peakrdls_importer(tmp_path):
+    from systemrdl import RDLCompiler
+    from peakrdl_ipxact import IPXACTExporter
+
+    compiler = RDLCompiler()
+    compiler.compile_file(DEMO)
+    xml = tmp_path / "demo.xml"
+    IPXACTExporter().export(compiler.elaborate().top, str(xml))  # the demo, as IP-XACT
+    regs = load_rdl(xml).instantiate()
+    block = "demo_dev."  # the IP-XACT address block is a register file of the top map
+    assert regs.hw_read(block + "ctrl.mode") == 5
+    assert regs.reg(block + "scratch[1]").offset == 0x24
+    regs.write(0, IRQ_STATUS, (0b10).to_bytes(4, "little"))  # write 1 to clear
+    buf = bytearray(4)
+    regs.read(0, IRQ_STATUS, buf)
+    assert buf == bytes(4)
+    regs.read(0, EVENTS, buf)
+    assert int.from_bytes(buf, "little") == 3
+    regs.read(0, EVENTS, buf)  # clear on read
+    assert buf == bytes(4)

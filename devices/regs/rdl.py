@@ -25,8 +25,14 @@ where it is set: never a register that silently behaves otherwise than its
 description. Python hooks attach to the map's live blocks by the same
 hierarchical names (relative to the top address map).
 
-``systemrdl-compiler`` is an optional dependency (``pip install 'vfiouser[rdl]'``);
-without it :func:`load_rdl` raises :class:`RdlUnavailable` saying so.
+IP-XACT (1685-2009 or 1685-2014) comes in the same way: a file whose name ends
+in ``.xml`` is read with PeakRDL's importer (``peakrdl-ipxact``) into the same
+compiler, and each of its address blocks becomes a register file of the top
+map (IP-XACT has no interrupt fields).
+
+``systemrdl-compiler`` and ``peakrdl-ipxact`` are an optional dependency
+(``pip install 'vfiouser[rdl]'``); without them :func:`load_rdl` raises
+:class:`RdlUnavailable` saying so.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from .register import Register, template_of
 
 __all__ = ["load_rdl", "RdlError", "RdlUnavailable", "RdlUnsupported", "INSTALL_HINT"]
 
-INSTALL_HINT = "pip install 'vfiouser[rdl]' (or: pip install systemrdl-compiler)"
+INSTALL_HINT = "pip install 'vfiouser[rdl]' (or: pip install systemrdl-compiler peakrdl-ipxact)"
 
 #: Field properties whose meaning the register layer implements.
 _FIELD_HONOURED = {"sw", "hw", "reset", "onread", "onwrite", "intr", "intr type", "stickybit", "sticky",
@@ -88,6 +94,14 @@ def _compiler():
 
     printer = Collect()
     return RDLCompiler(message_printer=printer), printer
+
+
+def _ipxact_importer(compiler):
+    try:
+        from peakrdl_ipxact import IPXACTImporter
+    except ImportError as exc:
+        raise RdlUnavailable(f"reading IP-XACT needs peakrdl-ipxact, which is not installed: {INSTALL_HINT}") from exc
+    return IPXACTImporter(compiler)
 
 
 def _unsupported(node, what: str) -> RdlUnsupported:
@@ -165,8 +179,9 @@ def _register(node, top) -> Register:
 
 
 def load_rdl(path: str | os.PathLike, *, top: str | None = None, includes: list[str] | None = None) -> RegisterMap:
-    """Compile the SystemRDL file ``path`` and return its top address map (``top``: which
-    one, by type name; default the last defined) as a :class:`RegisterMap`."""
+    """Compile the SystemRDL file ``path`` (or import the IP-XACT file, ``*.xml``) and return
+    its top address map (``top``: which one, by type name; default the last defined) as a
+    :class:`RegisterMap`."""
     from systemrdl.node import AddrmapNode, MemNode, RegfileNode, RegNode, SignalNode
 
     compiler, printer = _compiler()
@@ -176,11 +191,16 @@ def load_rdl(path: str | os.PathLike, *, top: str | None = None, includes: list[
     if not os.path.isfile(path):
         raise RdlError(f"no SystemRDL file at {path}")
     try:
-        compiler.compile_file(path, incl_search_paths=includes)
+        if path.lower().endswith(".xml"):
+            _ipxact_importer(compiler).import_file(path)
+        else:
+            compiler.compile_file(path, incl_search_paths=includes)
         root = compiler.elaborate(top_def_name=top)
     except RDLCompileError as exc:
         detail = "\n".join(printer.lines) or str(exc)
         raise RdlError(f"{path} does not compile:\n{detail}") from None
+    except ValueError as exc:  # the IP-XACT importer's complaints about a file
+        raise RdlError(f"{path} cannot be imported: {exc}") from None
     top_node = root.top
     _check_properties(top_node, _BLOCK_HONOURED)
     if top_node.get_property("bigendian"):

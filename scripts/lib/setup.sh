@@ -34,7 +34,7 @@ setup_venv() {
         say "installing vfiouser, its test dependencies and SystemRDL support"
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,rdl]" 2>&1 |
             grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis, systemrdl' ||
+        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis, systemrdl, peakrdl_ipxact' ||
             { echo "installing vfiouser failed" >&2; return 1; }
         echo "$want" >"$stamp"
     fi
