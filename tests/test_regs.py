@@ -318,3 +318,43 @@ def test_refused_access_is_logged_at_debug(caplog):
     with caplog.at_level(logging.DEBUG, logger="vfiouser.devices.regs.block"):
         rd(block, 0x0, 1)
     assert "refused by the access policy" in caplog.text
+
+
+def test_before_write_changes_or_drops_a_write_and_hooks_are_checked():
+    block = RegisterMap([Register("cmd", 0, 32, [Field("run", 0), Field("arg", (15, 8))]),
+                         Register("vec", 4, 16, reset=0xFFFF)]).instantiate()
+    seen = []
+    block.before_write("cmd", lambda reg, value: value if value & 1 else None)  # only a start counts
+    block.before_write("vec", lambda reg, value: value if value < 8 else 0xFFFF)  # no such vector
+    block.on_write("cmd", lambda reg, value: seen.append(value))
+    wr(block, 0, 0x0500, 4)
+    assert block.reg("cmd").value == 0 and seen == []
+    wr(block, 1, 0x07, 1)  # a narrow write: the hook sees the whole register, lanes merged
+    assert seen == [] and block.reg("cmd").value == 0
+    wr(block, 0, 0x0701, 4)
+    assert block.reg("cmd").value == 0x0701 and seen == [0x0701]
+    wr(block, 4, 3, 2)
+    wr(block, 4, 9, 2)
+    assert block.reg("vec").value == 0xFFFF
+    with pytest.raises(RegisterDefinitionError, match="already has a before-write hook"):
+        block.before_write("cmd", lambda reg, value: value)
+    with pytest.raises(RegisterDefinitionError, match="belongs to a register"):
+        block.before_write("cmd.run", lambda reg, value: value)
+
+
+def test_registers_are_block_attributes_unless_the_name_is_taken():
+    block = RegisterMap([Register("status", 0, 32), Register("reset", 4, 32), Register("q[0]", 8, 32)]).instantiate()
+    assert block.status is block.reg("status")
+    assert callable(block.reset) and block.reg("reset").offset == 4  # the method stays a method
+    with pytest.raises(AttributeError):
+        block.nothing
+
+
+def test_frozen_while_a_function_says_so():
+    busy = [False]
+    block = RegisterMap([Register("a", 0, 32, frozen_while=lambda: busy[0])]).instantiate()
+    wr(block, 0, 1, 4)
+    busy[0] = True
+    wr(block, 0, 2, 4)
+    assert block.reg("a").value == 1
+    assert "writes ignored while <lambda>" in RegisterMap([Register("a", 0, 32, frozen_while=lambda: 0)]).markdown()

@@ -29,7 +29,8 @@ def _notes(r: Register) -> list[str]:
         notes.append(f"when {r.bank!r}")
     if r.frozen_while is not None:
         frozen = r.frozen_while
-        notes.append(f"writes ignored while {getattr(frozen, '__name__', None) or frozen!r}")
+        name = getattr(frozen, "__name__", None)
+        notes.append(f"writes ignored while {name or repr(frozen)}")
     if r.narrow or r.wide:
         notes.append("; ".join(filter(None, (r.narrow and f"narrow access: {r.narrow}",
                                               r.wide and f"wide access: {r.wide}"))))
