@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from vfiouser.devices.errors import DeviceError
+from vfiouser.devices.errors import DefinitionError, DeviceError
 
 __all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadError"]
 
@@ -74,7 +74,9 @@ def _convert(name: str, text: str, annotation) -> object:
 
 def make_device(spec: str, params: dict[str, str] | None = None):
     """Instantiate the device named by ``spec`` with string ``params`` converted to
-    the types its ``__init__`` annotates (bool accepts on/off/yes/no/true/false/1/0)."""
+    the types its ``__init__`` annotates (bool accepts on/off/yes/no/true/false/1/0).
+    A model that refuses its parameters (a :class:`DefinitionError`: a missing file, a
+    description it cannot serve) is a :class:`DeviceLoadError` too, with its message."""
     cls = load_device_class(spec)
     params = dict(params or {})
     sig = inspect.signature(cls.__init__)
@@ -90,5 +92,5 @@ def make_device(spec: str, params: dict[str, str] | None = None):
         kwargs[key] = _convert(name, text, annotation)
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, DefinitionError) as exc:  # a wrong parameter, or what it names is wrong
         raise DeviceLoadError(f"cannot create {spec}: {exc}") from exc

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from vfiouser.devices import make_device
-from vfiouser.devices.errors import DefinitionError
+from vfiouser.devices import DeviceLoadError, make_device
 from vfiouser.devices.regfile import RegfileDevice
 from vfiouser.devices.regs.rdl import RdlError, RdlUnsupported, load_rdl
 from vfiouser.qemu import QtestMachine
@@ -65,6 +64,17 @@ def check_sw_semantics(vm):
     # Past the registers, inside the BAR: zeros, writes ignored.
     vm.writel(BAR0 + 0x800, 0x1234)
     assert vm.readl(BAR0 + 0x800) == 0
+
+
+def test_the_command_says_what_is_wrong_with_a_description(sockdir, tmp_path):
+    bad = tmp_path / "onewrite.rdl"
+    bad.write_text("addrmap a { reg { field { sw=w1; } f[0:0] = 0; } once @0x0; };")
+    result = subprocess.run([sys.executable, "-m", "vfiouser", "serve", "regfile", "--socket",
+                             os.path.join(sockdir, "r.sock"), "--param", f"rdl={bad}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "a.once.f: sw=w1 (write-once) is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.qemu
@@ -138,7 +148,7 @@ def test_hw_access_rules_and_msi():
 
 
 def test_regfile_errors_are_clear(tmp_path):
-    with pytest.raises(DefinitionError, match="rdl=PATH"):
+    with pytest.raises(DeviceLoadError, match="regfile needs a SystemRDL file: --param rdl=PATH"):
         make_device("regfile", {})
     bad = tmp_path / "bad.rdl"
     bad.write_text("addrmap a { reg { field { sw=rw; } f[0:0] = 0; } r @0x0 }")  # missing ';'
