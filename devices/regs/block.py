@@ -211,7 +211,7 @@ class RegisterBlock(HardwareSide, DeviceIo):
                                                   "offset need bank conditions")
         self._rbytes, self._wbytes = rbytes, wbytes
         # The fast path: a full-width access at a register's offset, the one register there,
-        # no bank; entries are (size, struct pack/unpack, register, plain).
+        # no bank; entries are (size, struct pack/unpack, register, plain read / write kind).
         self._rfast, self._wfast = {}, {}
         for r in self.registers:
             if r.bank is not None or not self.policy.allows(r.nbytes, r.offset):
@@ -222,9 +222,11 @@ class RegisterBlock(HardwareSide, DeviceIo):
                          and not (r.rclr or r.rset))
                 self._rfast[r.offset] = (r.nbytes, fmt.pack_into, r, plain)
             if all(wbytes.get(p) == [r] for p in range(r.offset, r.end)):
-                plain = (r.plain_write and not r.write_hooks and not r.field_write_hooks and r.frozen is None
-                         and r.before_write is None and not r.irq and r.alias_of is None)
-                self._wfast[r.offset] = (r.nbytes, fmt.unpack_from, r, plain)
+                # 0: storage only; 1: storage, then the register's own write hooks; 2: sw_write
+                simple = (r.plain_write and not r.field_write_hooks and r.frozen is None and r.before_write is None
+                          and not r.irq and r.alias_of is None)
+                kind = 2 if not simple else (1 if r.write_hooks else 0)
+                self._wfast[r.offset] = (r.nbytes, fmt.unpack_from, r, kind)
 
     # -- the bus side (DeviceIo) --------------------------------------------------------------
 
@@ -242,13 +244,17 @@ class RegisterBlock(HardwareSide, DeviceIo):
         """A software write of ``data`` at ``offset`` of the block."""
         hit = self._wfast.get(offset)
         if hit is not None:
-            size, unpack, r, plain = hit
+            size, unpack, r, kind = hit
             if size == len(data):
-                if plain:
-                    keep = r.keep
-                    r.value = (r.value & keep) | (unpack(data)[0] & ~keep)
-                else:
-                    r.sw_write(unpack(data)[0], r.full)
+                value = unpack(data)[0]
+                if kind == 2:
+                    r.sw_write(value, r.full)
+                    return
+                keep = r.keep
+                r.value = (r.value & keep) | (value & ~keep)
+                if kind:
+                    for fn in r.write_hooks:
+                        fn(r, value)
                 return
         self._write_general(offset, data)
 
