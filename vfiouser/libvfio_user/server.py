@@ -47,7 +47,7 @@ import time
 
 from vfiouser.devices.port import ResetReason, as_port
 
-from ..protocol import HEADER, HEADER_SIZE, Command, Layout
+from ..protocol import HEADER, HEADER_SIZE, Command, Layout, MsgFlags, MsgType
 from ..server import device_json, prepare_socket_path
 from .bindings import IrqType, Library, LibvfioUserError
 from .context import Context
@@ -64,15 +64,20 @@ _PEEK = 64
 _IRQ_SET = Layout.IRQ_SET  # argsz, flags, index, start, count
 _IRQ_EVENTFD_TRIGGER = 0x4 | 0x20  # VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER
 _POLL_IN = select.POLLIN | select.POLLPRI
+_TYPE_MASK, _REPLY = int(MsgFlags.TYPE_MASK), int(MsgType.REPLY)
+#: most messages served in one batch (deferred work waits for the batch to end)
+_MAX_BATCH = 64
 
 
 class _Session:
     """One attached client: its connection, guest memory and interrupts."""
 
-    def __init__(self, number: int, wire: Wire, memory: GuestMemory, irqs: Interrupts) -> None:
+    def __init__(self, number: int, wire: Wire, memory: GuestMemory, irqs: Interrupts, batch) -> None:
         self.name = f"client{number}"
         self.wire, self.memory, self.irqs = wire, memory, irqs
         self.partial_since: float | None = None  # when the command at the head began to wait for its rest
+        self.batch = batch  # the port's batch context, held while messages come back to back
+        self.in_batch = 0  # messages served in the batch held now (0: none held)
         #: the connection was shut down (a broken stream): libvfio-user reads out what is left
         self.closing = False
 
@@ -229,41 +234,49 @@ class LibvfioUserServer:
         self.sessions_served += 1
         wire = Wire(self.lib.vfu_get_poll_fd(self.context.ctx), self._wake)
         session = _Session(self.sessions_served, wire, GuestMemory(self.context, wire, self.port, max_xfer=1 << 20),
-                           Interrupts(self.context))
+                           Interrupts(self.context), self.port.batch())
         self._idle.clear()
         self.session = session
         self.port.attach(session.irqs, session.memory)
         log.info("%s connected", session.name)
 
     def _serve_step(self, session: _Session) -> None:
+        """Handle what is there; sleep (in poll) only when nothing is."""
         wire = session.wire
         if session.closing:
             self._run(session, b"")  # until libvfio-user meets the end of the stream
             return
-        if session.partial_since is not None:
-            # A command is arriving in parts: its fd stays readable, so sleep a little (waking
-            # for a hang-up or a stop only) and look again.
-            ready = self._poll(wire.fileno(), 0, 0.002)
-            if ready & (select.POLLHUP | select.POLLERR):
-                session.partial_since = None  # the rest will never come: libvfio-user fails the read
-        else:
-            # While a request of ours is half sent, libvfio-user may write nothing: wait to send.
-            ready = self._poll(wire.fileno(), select.POLLOUT if wire.sending else _POLL_IN, None)
-            if not ready & (_POLL_IN | select.POLLHUP | select.POLLERR) and not wire.sending:
-                return
-        if self._stopping:
-            return
         if wire.sending and not wire.flush():
+            # A request of ours is half sent: libvfio-user may write nothing until it is out.
+            self._sleep(session, select.POLLOUT)
             return
-        if wire.reading_reply or (head := wire.head(_PEEK)) and Wire.is_reply(head):
+        if wire.reading_reply:
             session.closing = not wire.read_reply()
+            if wire.reading_reply:
+                self._sleep(session, _POLL_IN)
             return
+        head = wire.head(_PEEK)
         if head is None:
+            self._sleep(session, _POLL_IN)
             return
-        if head and not (self._arrived(session, head) or ready & (select.POLLHUP | select.POLLERR)):
+        if len(head) >= HEADER_SIZE and HEADER.unpack_from(head)[3] & _TYPE_MASK == _REPLY:
+            session.closing = not wire.read_reply()  # ours: a DMA reply
             return
-        session.partial_since = None
+        if head and not self._arrived(session, head):
+            # Arriving in parts: the fd stays readable, so poll cannot wait for the rest. Sleep
+            # a little, waking for a hang-up (the rest will never come) or a stop only.
+            if self._sleep(session, 0, 0.002) & (select.POLLHUP | select.POLLERR):
+                wire.shutdown()
+                session.closing = True
+            return
         self._run(session, head)
+
+    def _sleep(self, session: _Session, events: int, timeout: float | None = None) -> int:
+        """End the batch (deferred work may start: every reply is out), then wait in poll."""
+        if session.in_batch:
+            session.in_batch = 0
+            session.batch.__exit__(None, None, None)
+        return self._poll(session.wire.fileno(), events, timeout)
 
     def _arrived(self, session: _Session, head: bytes) -> bool:
         """Whether the command at the head is all there; a client that leaves one in parts
@@ -305,23 +318,30 @@ class LibvfioUserServer:
                 _, flags, index, _, _ = _IRQ_SET.unpack(body)
                 intx_routed = index == IrqType.INTX and flags & _IRQ_EVENTFD_TRIGGER == _IRQ_EVENTFD_TRIGGER
         context.running_cmd = cmd
-        with self.port.batch():
-            for lock in locks:
-                lock.acquire()
-            try:
-                self.lib.vfu_run_ctx(context.ctx)
-            except LibvfioUserError as exc:
-                if exc.errno == errno.ENOTCONN:
-                    self._lost = True
-                else:
-                    log.debug("%s: vfu_run_ctx: %s", session.name, exc)
-            except BaseException:
-                log.exception("%s: serving a message failed", session.name)
-            finally:
-                context.running_cmd = None
-                context.unquiesce()
-                for lock in reversed(locks):
-                    lock.release()
+        # One batch for the messages that come back to back (deferred work starts when the loop
+        # would sleep, every reply sent), but never more than MAX_BATCH, so work is not starved.
+        if session.in_batch >= _MAX_BATCH:
+            session.in_batch = 0
+            session.batch.__exit__(None, None, None)
+        if not session.in_batch:
+            session.batch.__enter__()
+        session.in_batch += 1
+        for lock in locks:
+            lock.acquire()
+        try:
+            self.lib.vfu_run_ctx(context.ctx)
+        except LibvfioUserError as exc:
+            if exc.errno == errno.ENOTCONN:
+                self._lost = True
+            else:
+                log.debug("%s: vfu_run_ctx: %s", session.name, exc)
+        except BaseException:
+            log.exception("%s: serving a message failed", session.name)
+        finally:
+            context.running_cmd = None
+            context.unquiesce()
+            for lock in reversed(locks):
+                lock.release()
         if self._lost:
             self._detach(session)
             self._end_session()
@@ -345,6 +365,9 @@ class LibvfioUserServer:
         self._lost = False
         if session is None:
             return
+        if session.in_batch:
+            session.in_batch = 0
+            session.batch.__exit__(None, None, None)
         self._guarded(lambda: self.port.reset(ResetReason.CLIENT_LOST), "the device failed to reset after its client left")
         self._idle.set()
         log.info("%s gone; waiting for the next client", session.name)

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 #: Largest reply we accept: a 1 MiB DMA_READ (libvfio-user's max_data_xfer_size) and its headers.
 MAX_REPLY = HEADER_SIZE + 16 + (1 << 20)
-_SEND = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_SEND = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_RECV = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 _ANCILLARY = socket.CMSG_SPACE(16 * 4)
 
 
@@ -112,15 +114,11 @@ class Wire:
         """Up to ``size`` bytes at the head of the stream, not consumed (b"" at end of stream),
         or None if nothing is waiting."""
         try:
-            return self.sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return self.sock.recv(size, _PEEK)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
             return b""  # reset: libvfio-user finds out when it reads
-
-    @staticmethod
-    def is_reply(head: bytes) -> bool:
-        return len(head) >= HEADER_SIZE and HEADER.unpack_from(head)[3] & MsgFlags.TYPE_MASK == MsgType.REPLY
 
     @property
     def reading_reply(self) -> bool:
@@ -161,8 +159,7 @@ class Wire:
                 return self._broken(f"a reply of {size} bytes")
             self._reply_size = size
         try:
-            data, ancdata, _, _ = self.sock.recvmsg(self._reply_size - len(self._reply), _ANCILLARY,
-                                                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, _, _ = self.sock.recvmsg(self._reply_size - len(self._reply), _ANCILLARY, _RECV)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError as exc:
