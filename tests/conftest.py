@@ -49,9 +49,34 @@ def sockdir():
         yield d
 
 
+#: The protocol engines the built-in devices are tested on (vfiouser.backends).
+BACKENDS = ("vfiouser", "libvfio-user")
+
+
+@pytest.fixture(scope="session")
+def libvfio_user_library() -> str:
+    """The path of libvfio-user.so.0 (scripts/get-libvfio-user). Missing fails the run in CI."""
+    from vfiouser.libvfio_user import LibraryNotFound, find_library
+
+    try:
+        return find_library()
+    except LibraryNotFound as exc:
+        if real_parts_required():
+            pytest.fail(f"libvfio-user backend tests required but {exc}", pytrace=False)
+        pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each protocol engine in turn: tests that take it run once per backend."""
+    if request.param == "libvfio-user":
+        request.getfixturevalue("libvfio_user_library")
+    return request.param
+
+
 @pytest.fixture
 def serve(sockdir):
-    """``serve(device)`` serves a model on a background thread; yields the server."""
+    """``serve(device, backend=...)`` serves a model on a background thread; yields the server."""
     stack = []
 
     def start(device, name="dev.sock", **kwargs):

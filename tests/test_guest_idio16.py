@@ -42,9 +42,9 @@ echo "EDGE intx=$(irqs) edges=$(edges) IIN5=$(cat $G/IIN5/value)"
 """
 
 
-def test_gpio_pci_idio_16_drives_the_model(guest, sockdir):
+def test_gpio_pci_idio_16_drives_the_model(guest, sockdir, backend):
     dev = Idio16()
-    with serve_in_thread(dev, os.path.join(sockdir, "idio16.sock")) as server:
+    with serve_in_thread(dev, os.path.join(sockdir, "idio16.sock"), backend=backend) as server:
         g = guest(SCRIPT, devices=[server.qemu_device_json(addr="04.0")], modules=["gpio-pci-idio-16"])
         assert g.expect(r"^pci-idio-16$")
         assert g.expect(r"gpiochip 0000:00:04.0 32 lines")

@@ -54,7 +54,7 @@ def shmpoke(tmp_path_factory):
     return out.read_bytes()
 
 
-def test_guest_writes_bar2_and_the_host_file_holds_it(guest, sockdir, tmp_path, shmpoke):
+def test_guest_writes_bar2_and_the_host_file_holds_it(guest, sockdir, tmp_path, shmpoke, backend):
     shm = tmp_path / "ivshmem"
     with open(shm, "wb") as f:
         f.truncate(1 << 20)
@@ -65,7 +65,7 @@ def test_guest_writes_bar2_and_the_host_file_holds_it(guest, sockdir, tmp_path, 
     trapped = []
     shared_io.read = lambda base, offset, data: trapped.append(("read", offset))
     shared_io.write = lambda base, offset, data: trapped.append(("write", offset))
-    with serve_in_thread(dev, os.path.join(sockdir, "ivshmem.sock")) as server:
+    with serve_in_thread(dev, os.path.join(sockdir, "ivshmem.sock"), backend=backend) as server:
         g = guest(SCRIPT, devices=[server.qemu_device_json(addr="04.0")], files={"bin/shmpoke": shmpoke})
         assert g.expect(r"^id 0x1af4:0x1110 class 0x050000$")
         assert g.expect(r"^bar2 1048576 bytes$")

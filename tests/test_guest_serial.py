@@ -39,7 +39,7 @@ grep -E "^1:" /proc/tty/driver/serial
 """
 
 
-def test_8250_moves_64k_each_way(guest, sockdir):
+def test_8250_moves_64k_each_way(guest, sockdir, backend):
     rng = random.Random(20261124)
     to_guest = rng.randbytes(SIZE)
     from_guest = rng.randbytes(SIZE)
@@ -47,7 +47,7 @@ def test_8250_moves_64k_each_way(guest, sockdir):
     dev = PciSerial(backend=f"unix:{line}")
     received = bytearray()
     try:
-        with serve_in_thread(dev, os.path.join(sockdir, "uart.sock")) as server:
+        with serve_in_thread(dev, os.path.join(sockdir, "uart.sock"), backend=backend) as server:
             host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             host.connect(line)
 

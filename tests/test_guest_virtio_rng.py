@@ -40,9 +40,9 @@ def runs_in_stream(data: bytes, produced: int) -> int:
 
 
 @pytest.mark.parametrize("memfd", [True, False], ids=["memfd-ram", "default-ram"])
-def test_virtio_rng_feeds_dev_hwrng(guest, sockdir, memfd):
+def test_virtio_rng_feeds_dev_hwrng(guest, sockdir, memfd, backend):
     dev = VirtioRng(seed=SEED)
-    with serve_in_thread(dev, os.path.join(sockdir, "rng.sock")) as server:
+    with serve_in_thread(dev, os.path.join(sockdir, "rng.sock"), backend=backend) as server:
         g = guest(SCRIPT, devices=[server.qemu_device_json(addr="04.0")], modules=["virtio-rng"], memfd=memfd,
                   append="rng_core.default_quality=0")  # no kernel thread competing for the bytes
         assert g.expect(r"^virtio-pci$") and g.expect(r"^virtio_rng$")

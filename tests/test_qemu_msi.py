@@ -34,8 +34,8 @@ def landed(vm, addr: int, timeout: float = 2.0) -> int:
 
 
 @pytest.fixture
-def vm(qemu_binary, serve):
-    server = serve(VectorProbe())
+def vm(qemu_binary, serve, backend):
+    server = serve(VectorProbe(), backend=backend)
     with QtestMachine([server.qemu_device_json(addr=f"{SLOT:02x}.0")], qemu=qemu_binary) as vm:
         vm.pci_cfg_write(SLOT, 0x10, BAR0)
         vm.pci_cfg_write(SLOT, 0x18, BAR2)

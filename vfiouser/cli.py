@@ -1,4 +1,4 @@
-"""Command line: ``vfiouser serve <device> --socket PATH [--param key=value ...] [-v]``.
+"""Command line: ``vfiouser serve <device> --socket PATH [--param key=value ...] [--backend NAME] [-v]``.
 
 ``<device>`` is a built-in name (``vfiouser devices`` lists them) or
 ``package.module:Class``. Once the socket listens, the exact QEMU ``-device``
@@ -9,7 +9,9 @@ or a second signal, ends the process at once, socket removed. The soft limit
 on open fds is raised to the hard one (each fd-backed DMA map holds one).
 
 ``-v`` logs every decoded message, ``--trace FILE`` records every message as
-JSON lines (see :mod:`vfiouser.trace`).
+JSON lines (see :mod:`vfiouser.trace`). ``--backend libvfio-user`` serves the
+device through libvfio-user instead of our own engine (:mod:`vfiouser.backends`;
+it takes no ``--trace`` or ``--poll-us``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import threading
 
 from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device
 
+from .backends import BACKENDS, DEFAULT_BACKEND, make_server
 from .errors import VfioUserError
-from .server import Server
+from .libvfio_user.bindings import LibraryNotFound
 from .trace import Tracer
 
 __all__ = ["main"]
@@ -76,9 +79,21 @@ def _cmd_serve(args) -> int:
     except DeviceLoadError as exc:
         print(f"vfiouser: {exc}", file=sys.stderr)
         return 2
+    options = {}
+    if args.backend == DEFAULT_BACKEND:
+        options = {"poll_us": args.poll_us}
+    elif args.trace or args.poll_us:
+        print(f"vfiouser: --trace and --poll-us need the {DEFAULT_BACKEND} backend; "
+              f"{args.backend} does not offer them", file=sys.stderr)
+        return 2
     tracer = Tracer(open(args.trace, "w", encoding="utf-8")) if args.trace else None
+    if tracer is not None:
+        options["tracer"] = tracer
     try:
-        server = Server(device, args.socket, tracer=tracer, poll_us=args.poll_us)
+        server = make_server(device, args.socket, backend=args.backend, **options)
+    except LibraryNotFound as exc:
+        print(f"vfiouser: {exc}", file=sys.stderr)
+        return 1
     except (VfioUserError, OSError) as exc:
         print(f"vfiouser: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         return 1
@@ -152,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll-us", type=_poll_us, default=0.0, metavar="US",
                        help="after each wake-up, keep polling the socket this many µs before sleeping: lower "
                             "latency for a server with a CPU of its own, at the cost of CPU time (default 0: off)")
+    serve.add_argument("--backend", "-b", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                       help=f"protocol engine (default {DEFAULT_BACKEND}: ours; libvfio-user: the C library, "
+                            "built by scripts/get-libvfio-user or named by $VFIOUSER_LIBVFIO_USER)")
     serve.add_argument("--trace", metavar="FILE", help="record every message to FILE as JSON lines")
     serve.add_argument("-v", "--verbose", action="count", default=0, help="log every decoded message")
     serve.set_defaults(func=_cmd_serve)

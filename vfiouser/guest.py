@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .errors import VfioUserError
+from .paths import cache_dir
 from .qemu import find_qemu, machine_args
 
 __all__ = [
@@ -79,10 +80,7 @@ def guest_assets_dir() -> str:
     env = os.environ.get("VFIOUSER_GUEST")
     if env:
         return env
-    cache = os.environ.get("VFIOUSER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vfiouser"
-    )
-    root = os.path.join(cache, "guest")
+    root = os.path.join(cache_dir(), "guest")
     candidates = sorted(
         (os.path.join(root, d) for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "VERSION")))
         if os.path.isdir(root) else []

@@ -25,6 +25,7 @@ import time
 from collections import deque
 
 from .errors import VfioUserError
+from .paths import cache_dir
 
 __all__ = ["QemuError", "QemuNotFound", "find_qemu", "has_vfio_user", "QtestMachine", "fetched_qemu_path",
            "machine_args", "qtest_args"]
@@ -42,10 +43,7 @@ class QemuNotFound(QemuError):
 
 def fetched_qemu_path() -> str:
     """Where ``scripts/get-qemu`` installs its wrapper by default."""
-    cache = os.environ.get("VFIOUSER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vfiouser"
-    )
-    return os.path.join(cache, "qemu", "bin", "qemu-system-x86_64")
+    return os.path.join(cache_dir(), "qemu", "bin", "qemu-system-x86_64")
 
 
 _checked: dict[str, bool] = {}

@@ -43,7 +43,7 @@ from .regions import RegionTable
 from .session import Session
 from .watchdog import LoopWatchdog
 
-__all__ = ["Server", "SocketInUse", "serve_in_thread"]
+__all__ = ["Server", "SocketInUse", "serve_in_thread", "device_json", "prepare_socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,16 @@ class SocketInUse(VfioUserError):
     """The socket path belongs to a live server, or is not a socket at all."""
 
 
-def _prepare_path(path: str) -> None:
-    """Remove a stale socket at ``path``; refuse a live one or a non-socket file."""
+def device_json(path: str, **extra) -> str:
+    """The JSON for QEMU's ``-device`` option that attaches to a server on ``path``."""
+    spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}}
+    spec.update(extra)
+    return json.dumps(spec, separators=(",", ":"))
+
+
+def prepare_socket_path(path: str) -> None:
+    """Remove a stale socket at ``path``; refuse a live one or a non-socket file
+    (:class:`SocketInUse`)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -241,7 +249,7 @@ class Server:
         # connection stays in the backlog, so epoll reports it at once, for ever (see _shed).
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._last_shed = -1e9
-        _prepare_path(self.path)
+        prepare_socket_path(self.path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(self.path)
@@ -267,9 +275,7 @@ class Server:
 
     def qemu_device_json(self, **extra) -> str:
         """The JSON for QEMU's ``-device`` option that attaches to this server."""
-        spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": self.path}}
-        spec.update(extra)
-        return json.dumps(spec, separators=(",", ":"))
+        return device_json(self.path, **extra)
 
     def serve_forever(self) -> None:
         """Accept and serve clients until :meth:`stop`.
@@ -535,14 +541,17 @@ class Server:
 
 
 class serve_in_thread:
-    """Run a :class:`Server` on a background thread (for tests and embedding).
+    """Run a server on a background thread (for tests and embedding).
 
     ``with serve_in_thread(device, path) as server:`` starts serving and, on
     exit, stops the server, joins the thread and removes the socket.
+    ``backend`` picks the protocol engine (:mod:`vfiouser.backends`; default ours).
     """
 
-    def __init__(self, device, path: str, **kwargs) -> None:
-        self.server = Server(device, path, **kwargs)
+    def __init__(self, device, path: str, *, backend: str | None = None, **kwargs) -> None:
+        from .backends import make_server  # the backends module imports this one
+
+        self.server = make_server(device, path, backend=backend, **kwargs)
         self.thread = threading.Thread(target=self.server.serve_forever, name="vfiouser-server", daemon=True)
 
     def __enter__(self) -> Server:

@@ -11,12 +11,13 @@ section         what
 ``mmap``        the mmap-able BAR area, and what losing posted writes costs
 ``protocol``    the server's own processing, ping-pong and pipelining without
                 QEMU (:mod:`.wire`)
-``dma``         DMA bandwidth, mmap and message mode (:mod:`.dmabw`)
+``dma``         DMA bandwidth, mmap and message mode, on both backends (:mod:`.dmabw`)
 ``writemulti``  REGION_WRITE_MULTI under a burst of posted writes (:mod:`.burst`)
 ``guest``       guest boot-to-driver-ready time and server RSS (:mod:`.boot`)
-``versus-c``    our idio16 next to libvfio-user's C ``gpio-pci-idio-16`` sample and a
-                minimal Python loop: trapped I/O through QEMU, ping-pong, pipelining,
-                each server's CPU time per message (:mod:`.versus_c`)
+``versus-c``    our idio16, on our engine and through libvfio-user, next to libvfio-user's
+                C ``gpio-pci-idio-16`` sample (the reference) and a minimal Python loop:
+                trapped I/O through QEMU, ping-pong, pipelining, each server's CPU time
+                per message (:mod:`.versus_c`)
 ==============  ==================================================================
 
 ``--quick`` runs fewer iterations; ``--only SECTION`` (repeatable) runs some
