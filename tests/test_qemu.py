@@ -15,7 +15,7 @@ import time
 import pytest
 
 from vfiouser.devices.idio16 import Idio16
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 
 from .probe import ROM_DATA, ProbeDevice
 

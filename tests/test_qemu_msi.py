@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 
 from .vector_probe import VectorProbe
 
