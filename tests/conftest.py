@@ -110,6 +110,12 @@ def qemu_binary() -> str:
     return require_qemu()
 
 
+@pytest.fixture
+def guest(linux_guest):
+    """The plugin's ``linux_guest`` under the name tests used before the plugin existed."""
+    return linux_guest
+
+
 @pytest.fixture(scope="session")
 def guest_assets():
     """The guest kernel and busybox (scripts/get-guest). Missing assets fail the run in CI."""

@@ -322,12 +322,16 @@ class Guest:
     def __init__(self, assets: GuestAssets, script: str, *, devices=(), modules=(), files=None,
                  memory: str = "512M", memfd: bool = True, append: str = "", cpus: int = 1,
                  accel: str | None = None, qemu: str | None = None, extra_args=(),
-                 console: str = "ttyS0") -> None:
+                 console: str = "ttyS0", interactive: bool = False) -> None:
         """``console`` is the kernel's console and ``/dev/console``: ``ttyS0`` is QEMU's own
         UART, which this object reads and :meth:`send` types into. Another port (``ttyS1``, a
         UART model served over vfio-user) takes the script's output and result markers with it,
         so then :attr:`exit_code` stays ``None`` and the caller reads that UART instead; ttyS0
-        still carries :meth:`send`'s input for a script that reads ``/dev/ttyS0``."""
+        still carries :meth:`send`'s input for a script that reads ``/dev/ttyS0``.
+
+        ``interactive=True`` gives the console to this process's terminal instead (QEMU's
+        ``mon:stdio``: Ctrl-a x quits, Ctrl-a c is QEMU's monitor); nothing is read, so
+        :meth:`expect` and :attr:`exit_code` are not available."""
         self.qemu = qemu or find_qemu()
         self.accel = accel or default_accel()
         #: The models served for this guest (filled in by ``linux_guest`` and ``vfiouser guest``).
@@ -336,7 +340,9 @@ class Guest:
         initrd = os.path.join(self._dir, "initramfs.cpio")
         with open(initrd, "wb") as f:
             f.write(build_initramfs(assets, script, modules, files))
-        cmd = [self.qemu, "-accel", self.accel, "-smp", str(cpus), "-no-reboot", "-serial", "stdio",
+        self.interactive = interactive
+        serial = "mon:stdio" if interactive else "stdio"
+        cmd = [self.qemu, "-accel", self.accel, "-smp", str(cpus), "-no-reboot", "-serial", serial,
                "-kernel", assets.kernel, "-initrd", initrd,
                "-append", f"console={console} panic=-1 loglevel=4 {append}".strip()]
         if self.accel == "kvm":
@@ -345,14 +351,18 @@ class Guest:
         self.cmdline = cmd
         log.debug("booting: %s", " ".join(cmd))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if interactive:
+            self.proc = subprocess.Popen(cmd)
+        else:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self._pending: deque[str] = deque()
         self._cond = threading.Condition()
         self._eof = False
         self.exit_code: int | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if not interactive:
+            self._reader.start()
 
     def _read(self) -> None:
         for raw in self.proc.stdout:
@@ -411,7 +421,8 @@ class Guest:
         except subprocess.TimeoutExpired:
             self.close()
             raise GuestError(f"the guest did not finish within {timeout}s:\n{self.tail()}") from None
-        self._reader.join(5)
+        if not self.interactive:
+            self._reader.join(5)
         return GuestResult(self.exit_code, self.console, time.monotonic() - self.started, self.proc.returncode,
                            list(self.lines))
 
@@ -421,6 +432,8 @@ class Guest:
             self.proc.kill()
             self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is None:  # interactive: the terminal's, not ours
+                continue
             try:
                 stream.close()
             except OSError:

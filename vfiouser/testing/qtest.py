@@ -139,10 +139,10 @@ class QtestInterrupts:
         self.mode, self.vectors = "msi", vectors
         return vectors
 
-    def enable_msix(self) -> int:
+    def enable_msix(self, masked=()) -> int:
         """Fill the MSI-X table (in its BAR, where QEMU emulates it) so vector ``v`` writes
-        ``MSG_DATA + v`` into :attr:`message_area`, entries unmasked, then enable MSI-X.
-        Returns the number of vectors."""
+        ``MSG_DATA + v`` into :attr:`message_area`, entries unmasked except those in
+        ``masked``, then enable MSI-X. Returns the number of vectors."""
         config = self._device.config
         cap = config.find_capability(PCI_CAP_ID_MSIX)
         if cap is None:
@@ -157,7 +157,7 @@ class QtestInterrupts:
             bar.write(entry, 4, self._message("msix", v))
             bar.write(entry + 4, 4, 0)
             bar.write(entry + 8, 4, MSG_DATA + v)
-            bar.write(entry + 12, 4, 0)
+            bar.write(entry + 12, 4, 1 if v in masked else 0)
         config.write(cap + 2, 2, control & ~0x4000 | 0x8000)
         self.mode, self.vectors = "msix", vectors
         return vectors
@@ -229,9 +229,9 @@ class QtestDevice:
         """MSI on, messages into guest RAM (:meth:`QtestInterrupts.enable_msi`)."""
         return self.irqs.enable_msi(vectors)
 
-    def enable_msix(self) -> int:
+    def enable_msix(self, masked=()) -> int:
         """MSI-X on, messages into guest RAM (:meth:`QtestInterrupts.enable_msix`)."""
-        return self.irqs.enable_msix()
+        return self.irqs.enable_msix(masked)
 
 
 class QtestVm:
