@@ -125,6 +125,14 @@ class GuestAssets:
         return index
 
 
+    def module_image(self, name: str) -> bytes:
+        """The kernel module ``name`` of this kernel's tree, decompressed: a ``.ko`` file's bytes."""
+        path = self.module_index().get(_norm(name))
+        if path is None:
+            raise GuestError(f"kernel {self.version} has no module {name!r} (built in, or not built?)")
+        return _load_module(path)
+
+
 def _norm(name: str) -> str:
     return name.replace("-", "_")
 
