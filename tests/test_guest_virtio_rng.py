@@ -8,7 +8,6 @@ register and sets the queue up again. Guest RAM shared (in-place DMA) and not
 shared (DMA_READ/DMA_WRITE messages) are both exercised.
 """
 
-import os
 import re
 
 import pytest

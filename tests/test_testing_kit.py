@@ -211,3 +211,21 @@ def test_q35_interrupt_routing_is_named_not_guessed():
     assert [intx_gsi(slot, 1) for slot in (4, 5, 6, 7, 8)] == [20, 21, 22, 23, 20]
     with pytest.raises(UsageError, match="slots 1-24"):
         intx_gsi(31, 1)
+
+
+def test_without_qemu_the_fixtures_skip_saying_why_and_fail_when_qemu_is_required(tmp_path):
+    (tmp_path / "test_needs_qemu.py").write_text(
+        "def test_qtest(qemu_qtest):\n    qemu_qtest('idio16')\n\n"
+        "def test_guest(linux_guest):\n    linux_guest('true')\n\n"
+        "def test_in_process(vfiouser_device):\n    assert vfiouser_device('idio16').bar(2).read(0, 1) == 0\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "VFIOUSER_REQUIRE_QEMU")}
+    env["QEMU"] = str(tmp_path / "no-qemu-here")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_needs_qemu.py"]
+    lenient = run(cmd, cwd=tmp_path, env=env)
+    assert lenient.returncode == 0, lenient.stdout
+    assert "1 passed, 2 skipped" in lenient.stdout
+    assert "no-qemu-here does not run or has no vfio-user-pci device" in lenient.stdout
+    assert "set VFIOUSER_REQUIRE_QEMU=1 to make this an error" in lenient.stdout
+    strict = run(cmd, cwd=tmp_path, env=dict(env, CI="true"))
+    assert strict.returncode == 1 and "2 failed, 1 passed" in strict.stdout, strict.stdout
+    assert "a QEMU with vfio-user-pci is required ($VFIOUSER_REQUIRE_QEMU=1 or $CI)" in strict.stdout
