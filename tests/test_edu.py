@@ -12,7 +12,7 @@ import os
 import pytest
 
 from vfiouser.devices.edu import Edu
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 from vfiouser.server import serve_in_thread
 
 from . import edu_scenario

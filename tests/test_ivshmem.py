@@ -17,7 +17,7 @@ from vfiouser.devices.pci import BarError, MemoryBar, PciDevice
 from vfiouser.iomgr import DeviceIo
 from vfiouser.client import Client
 from vfiouser.protocol import RegionCapId, RegionFlags
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 from vfiouser.server import serve_in_thread
 
 SLOT = 4

@@ -1,5 +1,7 @@
 """Command line: ``vfiouser serve <device> --socket PATH [--param key=value ...] [--backend NAME] [-v]``.
 
+(``vfiouser guest`` boots the test guest with devices attached: :mod:`vfiouser.testing.guestcmd`.)
+
 ``<device>`` is a built-in name (``vfiouser devices`` lists them) or
 ``package.module:Class``. Once the socket listens, the exact QEMU ``-device``
 argument is printed on standard output (one line, flushed), so a script can
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
     devices = sub.add_parser("devices", help="list the built-in devices")
     devices.set_defaults(func=_cmd_devices, verbose=0)
+    from .testing.guestcmd import add_parser as add_guest_parser  # vfiouser guest: its own module
+
+    add_guest_parser(sub)
     return parser
 
 

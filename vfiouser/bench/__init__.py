@@ -79,8 +79,8 @@ class Settings:
 
 def _unavailable_reason(exc: BaseException) -> str | None:
     """A reason text if ``exc`` means "cannot be measured here" rather than "broke"."""
-    from ..guest import GuestAssetsMissing
-    from ..qemu import QemuNotFound
+    from ..testing.guest import GuestAssetsMissing
+    from ..testing.qemu import QemuNotFound
 
     if isinstance(exc, (QemuNotFound, GuestAssetsMissing)):
         return str(exc)

@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 
-from ..qemu import QtestMachine
+from ..testing.qemu import QtestMachine
 from ..server import Server
 from .device import BenchDevice
 from .stats import Summary

@@ -332,9 +332,9 @@ def verify_mmap_fast_path(rig: LatencyRig) -> dict:
 
 def threaded_harness(*, iterations: int, warmup: int, server_cpus=None) -> dict:
     """The 4-byte memory read on the floor and on the Python server, timed through
-    :class:`vfiouser.qemu.QtestMachine` (reader thread, qtest log on) as the test-suite drives
+    :class:`vfiouser.testing.qemu.QtestMachine` (reader thread, qtest log on) as the test-suite drives
     QEMU, to show what such a harness does to the ratio."""
-    from ..qemu import QtestMachine
+    from ..testing.qemu import QtestMachine
 
     directory = tempfile.mkdtemp(prefix="vfu-thr-")
     try:
