@@ -25,7 +25,9 @@ import stat
 import sys
 import threading
 
-from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device
+from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device, parameters
+
+from . import __version__
 
 from .backends import BACKENDS, DEFAULT_BACKEND, make_server
 from .errors import VfioUserError
@@ -71,9 +73,6 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _cmd_serve(args) -> int:
-    # ``mod:Class`` resolves from the current directory, as ``python -m mod`` would.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
         device = make_device(args.device, _parse_params(args.param))
     except DeviceLoadError as exc:
@@ -86,7 +85,11 @@ def _cmd_serve(args) -> int:
         print(f"vfiouser: --trace and --poll-us need the {DEFAULT_BACKEND} backend; "
               f"{args.backend} does not offer them", file=sys.stderr)
         return 2
-    tracer = Tracer(open(args.trace, "w", encoding="utf-8")) if args.trace else None
+    try:
+        tracer = _open_trace(args.trace) if args.trace else None
+    except OSError as exc:
+        print(f"vfiouser: {exc}", file=sys.stderr)
+        return 2
     if tracer is not None:
         options["tracer"] = tracer
     try:
@@ -96,6 +99,8 @@ def _cmd_serve(args) -> int:
         return 1
     except (VfioUserError, OSError) as exc:
         print(f"vfiouser: cannot listen on {args.socket}: {exc}", file=sys.stderr)
+        if tracer is not None:
+            tracer.close()
         return 1
 
     _raise_fd_limit()
@@ -125,6 +130,18 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _open_trace(path: str) -> Tracer:
+    """A tracer writing to ``path``; an OSError whose message says what to do when it cannot."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OSError(f"--trace {path}: the folder {folder} does not exist; create it (mkdir -p {folder}) "
+                      f"or choose another path")
+    try:
+        return Tracer(open(path, "w", encoding="utf-8"))
+    except OSError as exc:
+        raise OSError(f"--trace {path}: cannot write it ({exc.strerror}); choose a path you may write") from None
+
+
 def _exit_now(path: str, why: str) -> None:
     """End the process at once (the loop is stuck in a model), removing the socket first."""
     log.error("%s: exiting now", why)
@@ -148,19 +165,31 @@ def _raise_fd_limit() -> None:
 
 
 def _cmd_devices(args) -> int:
-    for name, path in sorted(BUILTIN_DEVICES.items()):
-        cls = load_device_class(name)
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    """List the built-in devices (or the ones named), each with its parameters."""
+    names = args.names or sorted(BUILTIN_DEVICES)
+    for name in names:
+        try:
+            cls = load_device_class(name)
+        except DeviceLoadError as exc:
+            print(f"vfiouser: {exc}", file=sys.stderr)
+            return 2
         module_doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:12} {cls.vendor_id:04x}:{cls.device_id:04x}  {module_doc[0] if module_doc else summary}")
+        class_doc = (cls.__doc__ or "").strip().splitlines()
+        summary = (module_doc or class_doc or [""])[0].replace("``", "")
+        print(f"{name:14} {cls.vendor_id:04x}:{cls.device_id:04x}  {summary}")
+        params = parameters(cls)
+        width = max((len(p.describe()) for p in params), default=0)
+        for p in params:
+            print(f"    --param {p.describe():{width}}  {p.help}".rstrip())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfiouser", description="Python PCI device models for QEMU's vfio-user-pci.")
+    parser.add_argument("--version", action="version", version=f"vfiouser {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a device model on a UNIX socket")
-    serve.add_argument("device", help="built-in device name or package.module:Class")
+    serve.add_argument("device", help="built-in device name, package.module:Class or path/to/file.py:Class")
     serve.add_argument("--socket", "-s", required=True, metavar="PATH", help="UNIX socket to listen on")
     serve.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                        help="device parameter (repeatable), e.g. loopback=on")
@@ -173,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trace", metavar="FILE", help="record every message to FILE as JSON lines")
     serve.add_argument("-v", "--verbose", action="count", default=0, help="log every decoded message")
     serve.set_defaults(func=_cmd_serve)
-    devices = sub.add_parser("devices", help="list the built-in devices")
+    devices = sub.add_parser("devices", help="list the built-in devices and their parameters")
+    devices.add_argument("names", nargs="*", metavar="DEVICE",
+                         help="only these devices (built-in names, package.module:Class or path/to/file.py:Class)")
     devices.set_defaults(func=_cmd_devices, verbose=0)
     return parser
 
