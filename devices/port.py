@@ -18,6 +18,7 @@ sit between the two without either knowing::
         port.reset(ResetReason.CLIENT_REQUEST) -->  a warm reset (DEVICE_RESET, system_reset)
     port.routes_changed()                      -->  new interrupt routes: send what was held
     port.dma_allowed()                         -->  bus mastering on? (asked between DMA chunks)
+    port.describe_access(index, offset, size)  -->  register names, for logs and traces
     port.detach()                              -->  the client went away ...
     port.reset(ResetReason.CLIENT_LOST)        -->  ... so the next one meets a powered-on device
     sink.intx(level), sink.msi(v), sink.msix(v)<--  the model's interrupts
@@ -221,6 +222,14 @@ class DevicePort(abc.ABC):
     def describe(self) -> str:
         """A short name for logs."""
         return type(self).__name__
+
+    def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """The names of the registers (and fields) an access of ``size`` bytes at ``offset`` of
+        region ``index`` reaches, comma-separated, for logs and traces (``"status"``,
+        ``"MSI.control"``); ``""`` where the model names nothing. Never raises, never takes the
+        device lock (it runs while a message is logged, and must not change what the model sees).
+        Default: nothing is named."""
+        return ""
 
 
 def as_port(device) -> DevicePort:

@@ -426,6 +426,14 @@ class PciDevice(DeviceIo):
             seen.add(key)
             self.log.warning(message, *args)
 
+    def register_names(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """Model hook for logs and traces: the names of the registers (and fields) that an
+        access of ``size`` bytes at ``offset`` of BAR ``index`` reaches, comma-separated
+        (``"status"``, ``"doorbell (ring 3)"``); ``""`` for none. Called without the device
+        lock; it must not change the device. Config space and the MSI-X table and PBA are
+        named by the framework. Default: nothing is named."""
+        return ""
+
     # -- config space hooks (override for device-specific registers) -------------
 
     def config_read(self, offset: int, data: bytearray | memoryview) -> None:
