@@ -127,9 +127,9 @@ def test_poll_us_server_answers(sockdir):
         stop(proc)
 
 
-def test_verbose_logs_decoded_messages(sockdir):
+def test_very_verbose_logs_raw_decoded_messages(sockdir):
     path = os.path.join(sockdir, "v.sock")
-    proc, _ = start(["serve", "idio16", "--socket", path, "-v"])
+    proc, _ = start(["serve", "idio16", "--socket", path, "-vv"])
     try:
         with Client.connect(path) as c:
             c.bring_up()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 
 from vfiouser.devices.errors import DefinitionError, DeviceUsageError
 from vfiouser.devices.port import InterruptSink, RegionInfo, RegionKind, ResetReason, ResetType
@@ -47,6 +46,7 @@ from vfiouser.iomgr import CowIoManager, DeviceIo, NoDevice
 
 from .bars import Bar, BarError, RomBar
 from .dma import Dma
+from .lock import DeviceLock
 from .msi import MsiCapability, MsixCapability
 from .worker import DeviceWorker
 from .config import (
@@ -163,7 +163,9 @@ class PciDevice(DeviceIo):
     power_cycle_on_disconnect: bool = True
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        #: Held by every call a backend makes into the model; take it around state you change
+        #: from elsewhere. A reentrant lock (:class:`~vfiouser.devices.pci.lock.DeviceLock`).
+        self.lock = DeviceLock()
         self.log = logging.getLogger(f"{type(self).__module__}.{type(self).__name__}")
         self.config = ConfigSpace(self.config_size)
         self.io = CowIoManager()

@@ -37,6 +37,7 @@ from vfiouser.iomgr import NoDevice
 
 from .dma import NO_BACKEND
 from .device import CONFIG_REGION, NO_SINK, ROM_REGION, PciDevice
+from .activity import PciActivity
 from .names import AccessNames
 
 __all__ = ["PciPort"]
@@ -61,6 +62,7 @@ class PciPort(DevicePort):
         self._count = len(self._table)
         self._lock = device.lock
         self._names: AccessNames | None = None
+        self._activity: PciActivity | None = None
 
     def _route(self, region: RegionInfo) -> tuple:
         device = self.device
@@ -85,6 +87,13 @@ class PciPort(DevicePort):
 
     def describe(self) -> str:
         return repr(self.device)
+
+    @property
+    def activity(self) -> PciActivity:
+        """The device's deferred tasks and lock, for backends that record or replay sessions."""
+        if self._activity is None:
+            self._activity = PciActivity(self.device)
+        return self._activity
 
     def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
         """Config registers and capability fields by name, the MSI-X table and PBA, and in the
