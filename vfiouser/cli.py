@@ -97,7 +97,7 @@ class _CategoryFilter(logging.Filter):
         return category is None or self.wanted.allows(category)
 
 
-def _setup_logging(verbosity: int, wanted: Filter | None = None) -> None:
+def _setup_logging(verbosity: int, wanted: Filter | None = None, quiet: bool = False) -> None:
     """``-v``: messages and device events, readable (:mod:`vfiouser.observe`); ``-vv``: every
     debug line too, raw protocol included."""
     handler = logging.StreamHandler(sys.stderr)
@@ -106,7 +106,7 @@ def _setup_logging(verbosity: int, wanted: Filter | None = None) -> None:
         handler.addFilter(_CategoryFilter(wanted))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING if quiet else logging.INFO)
     if verbosity >= 1:
         logging.getLogger(observe.__name__).setLevel(logging.DEBUG)
 
@@ -294,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device parameter (repeatable), as for serve")
     rerun.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                        help=f"seconds to wait for the device's deferred work at each step (default {DEFAULT_TIMEOUT:g})")
-    rerun.set_defaults(func=_cmd_replay, verbose=0)
+    rerun.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log the replayed session as -v logs a live one")
+    add_filter_options(rerun)
+    rerun.set_defaults(func=_cmd_replay, quiet=True)
     return parser
 
 
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownCategory as exc:
         print(f"vfiouser: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(args.verbose, wanted)
+    _setup_logging(args.verbose, wanted, quiet=getattr(args, "quiet", False))
     args.wanted = wanted
     return args.func(args)
 

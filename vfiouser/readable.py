@@ -91,6 +91,12 @@ def bytes_text(data: bytes) -> str:
     return f"{shown} ... ({len(data)} bytes)" if len(data) > SHOWN_BYTES else shown or "(none)"
 
 
+def _few(names: str, most: int = 4) -> str:
+    """Register names, the first and last of them only when an access reaches many."""
+    parts = names.split(", ")
+    return names if len(parts) <= most else f"{parts[0]} ... {parts[-1]} ({len(parts)} registers)"
+
+
 def prefix(client: str, ms: float) -> str:
     """The start of every line: who and when (milliseconds since the client arrived)."""
     return f"{client} {ms:10.3f} ms  "
@@ -164,7 +170,7 @@ def _access(msg_id: int, cmd: int, payload: bytes, reply: bytes | None, names: s
             alone: bool = False) -> str:
     offset, region, count = REGION_ACCESS.unpack_from(payload)
     head = f"#{msg_id} {'read ' if cmd == Command.REGION_READ else 'write'} {region_name(region):6} " \
-           f"+{offset:#05x} [{count}]" + (f" {names}" if names else "")
+           f"+{offset:#05x} [{count}]" + (f" {_few(names)}" if names else "")
     if error:
         return f"{head} -> {error}"
     if cmd == Command.REGION_WRITE:
