@@ -265,3 +265,11 @@ def test_paths_that_cannot_work_are_refused_with_the_fix(tmp_path):
     assert result.returncode == 2 and f"--trace {tmp_path / 'none' / 't.jsonl'}: the folder {tmp_path / 'none'} " \
                                       f"does not exist; create it (mkdir -p {tmp_path / 'none'})" in result.stderr
     assert not os.path.exists(tmp_path / "s.sock")
+
+
+def test_the_parameters_section_of_writing_a_device_shows_what_devices_prints():
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                             "writing-a-device.md")).read()
+    shown = page.split("$ vfiouser devices idio16\n", 1)[1].split("$ vfiouser serve", 1)[0]
+    result = subprocess.run(VFIOUSER + ["devices", "idio16"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0 and result.stdout == shown

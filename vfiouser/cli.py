@@ -5,8 +5,9 @@ serves a model; ``vfiouser devices [DEVICE ...]`` lists models with their
 parameters; ``vfiouser trace show FILE`` prints a recorded trace;
 ``vfiouser replay FILE <device> [--param ...]`` re-runs one against a model.
 
-``<device>`` is a built-in name (``vfiouser devices`` lists them) or
-``package.module:Class``. Once the socket listens, the exact QEMU ``-device``
+``<device>`` is a built-in name (``vfiouser devices`` lists them),
+``package.module:Class`` (resolved from the current directory too) or
+``path/to/file.py:Class``. Once the socket listens, the exact QEMU ``-device``
 argument is printed on standard output (one line, flushed), so a script can
 wait for it. SIGINT and SIGTERM stop the server cleanly and remove the socket;
 a server that has not stopped 5 s later (a device model stuck in a handler),
@@ -17,9 +18,12 @@ on open fds is raised to the hard one (each fd-backed DMA map holds one).
 DMA, deferred work), readably (:mod:`vfiouser.readable`); ``--only``/``--hide``
 pick what to show (e.g. ``--only bar0``, ``--hide config``); ``-vv`` adds every
 debug line and the raw protocol. ``--trace FILE`` records the session as JSON
-lines (:mod:`vfiouser.trace`) for ``vfiouser trace show`` and ``vfiouser replay``. ``--backend libvfio-user`` serves the
-device through libvfio-user instead of our own engine (:mod:`vfiouser.backends`;
-it takes no ``--trace`` or ``--poll-us``).
+lines (:mod:`vfiouser.trace`) for ``vfiouser trace show`` and ``vfiouser replay``
+(:mod:`vfiouser.replay`: exit 0 when everything matches, 1 at the first
+divergence). ``--backend libvfio-user`` serves the device through libvfio-user
+instead of our own engine (:mod:`vfiouser.backends`; it takes no ``--trace`` or
+``--poll-us``). Refusals are one line that says what to do (exit 2 for bad
+arguments, 1 when the server cannot start).
 """
 
 from __future__ import annotations
@@ -35,9 +39,7 @@ import threading
 
 from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class, make_device, parameters
 
-from . import __version__
-
-from . import observe
+from . import __version__, observe
 from .backends import BACKENDS, DEFAULT_BACKEND, make_server
 from .errors import VfioUserError
 from .libvfio_user.bindings import LibraryNotFound
@@ -48,7 +50,7 @@ from .traceview import lines
 
 __all__ = ["main"]
 
-log = logging.getLogger("vfiouser.cli")
+log = logging.getLogger(__name__)
 
 #: Seconds the server may take to stop after SIGINT/SIGTERM before the process exits anyway.
 STOP_GRACE = 5.0

@@ -112,7 +112,8 @@ class ReplayResult:
         return self.divergence is None
 
     def summary(self) -> str:
-        return (f"{self.messages} messages of {self.sessions} session{'s' if self.sessions != 1 else ''}: "
+        """How much matched: messages, replies, interrupts and DMA transfers, deferred tasks."""
+        return (f"{self.messages} messages of {self.sessions} session{'s' if self.sessions != 1 else ''}, "
                 f"{self.replies} replies, {self.events} interrupts and DMA transfers, {self.tasks} deferred tasks")
 
 
@@ -298,7 +299,6 @@ class _Replay:
             session.process([Frame(msg_id, cmd, msg_size, flags, error_no, memoryview(msg[HEADER_SIZE:]), fds)])
         finally:
             close_fds(fds)  # the ones the session did not keep (it took the others out of the list)
-        self.result.messages += 1
         recorded = plan.replies.get(n)
         replies = self.recorder.replies
         got = replies[0] if replies else None
@@ -310,6 +310,7 @@ class _Replay:
                 show = lambda reply: f"{reply[0].hex()} (+{reply[1]} fd)" if reply else "(no reply)"
             self.diverged(plan, entry, f"message #{msg_id}", request, show(want), show(got))
             return False
+        self.result.messages += 1
         if recorded is not None:
             self.result.replies += 1
         return self.events(plan, entry, ("at", n), f"what message #{msg_id} made the device do", request)
