@@ -16,7 +16,7 @@ from vfiouser.client import Client
 from . import edu_session
 
 VFIOUSER = [sys.executable, "-m", "vfiouser"]
-LINE = re.compile(r"^(client\d+) +(\d+\.\d{3}) ms  (.*)$")
+LINE = re.compile(r"^(client\d*) +(\d+\.\d{3}) ms  (.*)$")
 
 
 def serve_edu(sockdir: str, *args: str) -> tuple[str, dict]:
@@ -149,3 +149,12 @@ def test_very_verbose_has_both_the_readable_lines_and_the_raw_protocol(sockdir):
     err, _ = serve_edu(sockdir, "-vv")
     assert re.search(r"<<< REGION_READ #\d+ command offset=4 region=7 count=2", err)
     assert re.search(r"client1 +\d+\.\d{3} ms  #\d+ read  config \+0x004 \[2\] command -> 0x0000", err)
+
+
+def test_trace_show_reads_traces_from_before_entries_were_numbered():
+    vector = os.path.join(os.path.dirname(__file__), "vectors", "qemu-11.1.3-probe-default.jsonl")
+    shown = subprocess.run(VFIOUSER + ["trace", "show", vector, "--only", "config"], capture_output=True,
+                           text=True, timeout=60)
+    lines = [text for _, _, text in readable(shown.stdout)]
+    assert shown.returncode == 0 and len(lines) > 20
+    assert any(re.fullmatch(r"#\d+ read  config \+0x000 \[4\] -> 0xbeef1234", t) for t in lines)  # no names: older

@@ -116,6 +116,7 @@ def load_events(path: str) -> Iterator[dict]:
                     raise ValueError("no 'dir'")
                 if "msg" in entry:
                     entry["msg"] = bytes.fromhex(entry["msg"])
+                entry.setdefault("n", number)  # traces written before entries were numbered
             except ValueError as exc:
                 raise TraceError(f"{path}:{number} is not a trace entry ({exc}); traces are written by "
                                  f"vfiouser serve --trace") from None
