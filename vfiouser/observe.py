@@ -39,7 +39,7 @@ from vfiouser.devices.pci.dma import DmaError
 from vfiouser.devices.port import ActivityWatcher, DmaBackend, InterruptSink
 
 from . import readable
-from .protocol import HEADER, HEADER_SIZE, REGION_ACCESS, Command, MsgFlags, MsgType
+from .protocol import HEADER, REGION_ACCESS, Command, MsgFlags, MsgType
 
 __all__ = ["SessionObserver", "ObservedSink", "ObservedDma", "describe_fd", "wanted"]
 

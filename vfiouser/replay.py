@@ -42,7 +42,7 @@ behaviour, and that is behaviour.
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 import socket
 from collections import defaultdict
@@ -58,8 +58,6 @@ from .session import Session
 from .transport import Frame, close_fds
 
 __all__ = ["replay", "Divergence", "ReplayResult", "ReplayError", "DEFAULT_TIMEOUT"]
-
-log = logging.getLogger(__name__)
 
 #: Seconds the replay waits for a deferred task to reach the point the recording has it at.
 DEFAULT_TIMEOUT = 10.0
@@ -254,13 +252,12 @@ class _Replay:
         self.started = 0
         self.plan = plan
         gate = self.gate = LockGate(plan.regions, self.start, self.timeout)
-        ReplayObserver.gate = gate
-        ReplayObserver.dma_events = {cause: [e for e in events if e["dir"] == "dma"]
-                                     for cause, events in plan.events.items()}
+        dma_events = {cause: [e for e in events if e["dir"] == "dma"] for cause, events in plan.events.items()}
         recorder = self.recorder = ReplayRecorder()
         recorder.point = plan.connect["n"]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        session = Session(ours, self.port, name=plan.client, tracer=recorder, observer_class=ReplayObserver)
+        session = Session(ours, self.port, name=plan.client, tracer=recorder,
+                          observer_class=functools.partial(ReplayObserver, gate=gate, dma_events=dma_events))
         session.outbox.transport = Discard()
         try:
             if not self.events(plan, plan.connect, ("at", plan.connect["n"]), "the client's arrival", ""):

@@ -97,11 +97,8 @@ class LockGate:
             self._finished.add(task)
             self._cond.notify_all()
 
-    def is_finished(self, task: int) -> bool:
-        with self._cond:
-            return task in self._finished
-
     def wait_finished(self, task: int, timeout: float) -> bool:
+        """Wait until ``task`` ended; True if it did."""
         with self._cond:
             return self._cond.wait_for(lambda: task in self._finished, timeout)
 
@@ -175,16 +172,19 @@ class ReplayDma(DmaBackend):
 
 
 class ReplayObserver(SessionObserver):
-    """The observer of a replayed session (module docstring). The replay sets the class
-    attributes ``gate`` and ``dma_events`` before it makes the session."""
+    """The observer of a replayed session (module docstring): ``gate`` orders the worker's takes
+    of the device lock, ``dma_events`` are the recorded DMA events by cause."""
 
-    gate: LockGate
-    dma_events: dict[tuple, list[dict]] = {}
+    def __init__(self, session, tracer, *, gate: LockGate, dma_events: dict[tuple, list[dict]]) -> None:
+        super().__init__(session, tracer)
+        self.gate = gate
+        self.dma_events = dma_events
 
     def wrap(self, sink, dma):
         return ObservedSink(sink, self), ObservedDma(ReplayDma(dma, self.dma_events, self._by), self)
 
     def current_task(self) -> int | None:
+        """The number of the deferred task this thread runs, or None."""
         return getattr(self._local, "task", None)
 
     def task_finished(self, name: str, error: BaseException | None) -> None:

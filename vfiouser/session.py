@@ -72,13 +72,13 @@ class Session:
     ``regions`` is the port's :class:`RegionTable` (the server builds it once); ``initial``
     bytes the server read from the socket before the session existed.
     ``watch(fd, callback)`` / ``unwatch(fd)`` let the session ask the server loop
-    to poll extra fds (the INTx resample eventfd). ``observer_class`` makes the observer
-    of a logged or traced session (a replay brings its own).
+    to poll extra fds (the INTx resample eventfd). ``observer_class(session, tracer)`` makes
+    the observer of a logged or traced session (a replay brings its own).
     """
 
     def __init__(self, sock, port: DevicePort, *, regions: RegionTable | None = None, name: str = "session",
                  caps: ServerCapabilities | None = None, tracer=None, watch=None, unwatch=None,
-                 initial: bytes = b"", observer_class: type[SessionObserver] = SessionObserver) -> None:
+                 initial: bytes = b"", observer_class=SessionObserver) -> None:
         self.name = name
         self.log = ClientLog(log, {"client": name})
         self.port = port
