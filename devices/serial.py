@@ -192,7 +192,8 @@ class SerialBackendError(DefinitionError):
 
 
 class PciSerial(PciDevice):
-    """QEMU's pci-serial: one 16550A behind an 8-byte I/O BAR0 (see the module docstring)."""
+    """QEMU's pci-serial: one 16550A behind an 8-byte I/O BAR0 (see the module docstring).
+    ``backend``: where the UART's bytes go on the host (none, stdio or unix:PATH)."""
 
     vendor_id = 0x1B36
     device_id = 0x0002

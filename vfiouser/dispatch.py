@@ -129,20 +129,29 @@ class Dispatcher:
         self.full(frame)
 
     def full(self, frame) -> None:
-        """Everything the fast path does not take, with every check and precise errnos."""
+        """Everything the fast path does not take, with every check and precise errnos; observed
+        (logged, traced) when the session is."""
+        outbox = self.outbox
+        if not outbox.observed:
+            self.serve(frame)
+            return
+        msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
+        observer = outbox.observer
+        if observer is not None and payload is not None:
+            observer.received(frame)
+        if outbox.verbose:
+            self.log.debug("<<< %s", describe(cmd, flags, payload if payload is not None else b"",
+                                              msg_id=msg_id, nfds=len(fds)))
+        try:
+            self.serve(frame)
+        finally:
+            if observer is not None:
+                observer.done(msg_id)
+
+    def serve(self, frame) -> None:
+        """Serve one message (see :meth:`full`)."""
         msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
         outbox = self.outbox
-        if outbox.observed:
-            if payload is not None:
-                outbox.record("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
-            if outbox.verbose:
-                line = describe(cmd, flags, payload if payload is not None else b"", msg_id=msg_id, nfds=len(fds))
-                if cmd in _NAMED_ACCESSES and payload is not None and len(payload) >= REGION_ACCESS.size:
-                    offset, region, count = _ACCESS_UNPACK(payload)  # the registers it reaches, by name
-                    names = self.port.describe_access(region, offset, count, write=cmd == Command.REGION_WRITE)
-                    if names:
-                        line += f" [{names}]"
-                self.log.debug("<<< %s", line)
         mtype = flags & _TYPE_MASK
         if mtype == _REPLY:
             self.session.requester.route_reply(msg_id, cmd, flags, error_no, payload, fds)

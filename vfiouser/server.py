@@ -43,7 +43,8 @@ from .regions import RegionTable
 from .session import Session
 from .watchdog import LoopWatchdog
 
-__all__ = ["Server", "SocketInUse", "serve_in_thread", "device_json", "prepare_socket_path"]
+__all__ = ["Server", "SocketInUse", "SocketPathError", "serve_in_thread", "device_json", "prepare_socket_path",
+           "MAX_SOCKET_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,14 @@ class SocketInUse(VfioUserError):
     """The socket path belongs to a live server, or is not a socket at all."""
 
 
+class SocketPathError(UsageError):
+    """A socket path that cannot be bound: too long for AF_UNIX, or in a folder that does not exist."""
+
+
+#: Longest AF_UNIX socket path in bytes (``sun_path`` is 108 bytes, NUL included).
+MAX_SOCKET_PATH = 107
+
+
 def device_json(path: str, **extra) -> str:
     """The JSON for QEMU's ``-device`` option that attaches to a server on ``path``."""
     spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}}
@@ -184,7 +193,15 @@ def device_json(path: str, **extra) -> str:
 
 def prepare_socket_path(path: str) -> None:
     """Remove a stale socket at ``path``; refuse a live one or a non-socket file
-    (:class:`SocketInUse`)."""
+    (:class:`SocketInUse`), and a path that cannot be bound (:class:`SocketPathError`)."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise SocketPathError(f"the path is {size} bytes and AF_UNIX allows at most {MAX_SOCKET_PATH}: use a "
+                              f"shorter one (e.g. /tmp/{os.path.basename(path)[-40:]})")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise SocketPathError(f"its folder {folder} does not exist: create it (mkdir -p {folder}) or choose "
+                              f"another path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
