@@ -60,4 +60,3 @@ def test_gpio_pci_idio_16_drives_the_model(guest, sockdir, backend):
         assert int(edge.group(1)) >= 1 and int(edge.group(2)) >= 1 and edge.group(3) == "1"
         result = g.wait(60)
     assert result.exit_code == 0, result.console
-    assert result.elapsed < 20
