@@ -56,4 +56,3 @@ def test_gpio_pci_idio_16_drives_the_model(linux_guest, backend):
     assert int(edge.group(1)) >= 1 and int(edge.group(2)) >= 1 and edge.group(3) == "1"
     result = g.wait(60)
     assert result.exit_code == 0, result.console
-    assert result.elapsed < 60  # no hang (generous: TCG on a loaded 2-core machine)

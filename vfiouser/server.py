@@ -36,6 +36,7 @@ import time
 
 from vfiouser.devices.port import as_port
 
+from . import fastpath
 from .errors import ConnectionClosed, FramingError, UsageError, VfioUserError
 from .negotiation import ServerCapabilities
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
@@ -241,6 +242,7 @@ class Server:
         tracer=None,
         backlog: int = 4,
         poll_us: float = 0.0,
+        fast_loop: bool = True,
     ) -> None:
         if not 0 <= poll_us <= 1e6:
             raise UsageError(f"poll_us must be between 0 and 1e6 µs, not {poll_us}")
@@ -254,6 +256,8 @@ class Server:
         #: µs the loop keeps polling (busy, yielding the CPU) for the next message after
         #: serving; 0: sleep in epoll at once. Worth it when the server has a CPU of its own.
         self.poll_us = poll_us
+        #: serve the fast path's messages with the C loop (:mod:`vfiouser.fastpath`) when it is built
+        self.fast_loop = fastpath.wanted(fast_loop)
         self.session: Session | None = None
         self.sessions_served = 0
         #: warns when serving one request takes long enough for the client to give up
@@ -333,10 +337,14 @@ class Server:
         watchdog = self.watchdog
         monotonic = time.monotonic
         spin = self.poll_us / 1e6
-        receive, process = session.transport.receive, session.process
+        transport, dispatcher = session.transport, session.dispatcher
+        receive, process = transport.receive, session.process
+        fast = fastpath.for_session(session, watchdog=watchdog, spin=spin) if self.fast_loop else None
         try:
             while not self._stopping:
-                if spin:
+                if fast is not None and dispatcher.fast and transport.drained:
+                    frames = self._run_fast(session, fast)
+                elif spin:
                     frames = self._poll_then_wait(session, spin)
                 else:
                     try:
@@ -355,6 +363,25 @@ class Server:
             log.exception("unexpected error serving %s; dropping that connection", session.name)
         finally:
             self._end_session()
+
+    @staticmethod
+    def _run_fast(session: Session, fast) -> list | None:
+        """Let the C loop serve until it meets something for Python; the frames it handed over
+        (None when the session is over), as :meth:`Transport.receive` would return them."""
+        try:
+            kind, data, ancdata, msg_flags = fast.run()
+        except ConnectionClosed as exc:  # sending its replies failed: as Session.process
+            session.log.info("client disconnected while we replied (%s)", exc)
+            session.close_after_reply("send failed")
+            return None
+        try:
+            if kind == "data":
+                return session.transport.feed(data, ancdata or (), msg_flags)
+            if kind == "eof":
+                raise ConnectionClosed("peer closed the connection")
+            raise ConnectionClosed(f"receive failed: {os.strerror(data)}")
+        except (ConnectionClosed, FramingError) as exc:
+            return session.receive_failed(exc)
 
     @staticmethod
     def _poll_then_wait(session: Session, spin: float) -> list | None:

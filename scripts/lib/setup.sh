@@ -27,9 +27,10 @@ setup_venv() {
         say "creating a virtual environment in $VENV ($("$py" --version))"
         "$py" -m venv "$VENV"
     fi
-    # Reinstall only when the packaging metadata changed (the install is editable).
+    # Reinstall only when the packaging metadata or the C extension changed (the install is
+    # editable: Python sources are used in place, the C loop is compiled at install time).
     stamp=$VENV/.vfiouser-installed
-    want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+    want=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vfiouser/_fastloop.c" | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         say "installing vfiouser, its test dependencies and SystemRDL support"
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,rdl]" 2>&1 |
