@@ -65,7 +65,9 @@ def test_models_without_names_and_broken_hooks_log_nothing_rather_than_fail():
             raise RuntimeError("a bug in a log helper")
 
     assert Broken().port.describe_access(0, 0x10, 4, write=True) == ""
-    assert Edu().port.describe_access(0, 0x20, 4) == ""
+    assert Named().port.describe_access(0, 0x20, 4) == ""
+    assert Edu().port.describe_access(0, 0x20, 4) == "edu.status (computing, irq_fact)"  # its register map
+    assert Edu().port.describe_access(0, 0x40, 4) == ""  # a hole in the map: nothing
     assert Edu().port.describe_access(99, 0, 4) == ""  # no such region: nothing, not an error
     assert DevicePort.describe_access(Edu().port, CONFIG, 0, 4) == ""  # the port's default
 

@@ -59,8 +59,8 @@ def test_verbose_names_regions_and_registers_and_shows_numbers(verbose_run):
     assert any(re.fullmatch(r"#\d+ read  config \+0x004 \[2\] command -> 0x0000", t) for t in lines)
     assert any(re.fullmatch(r"#\d+ write config \+0x010 \[4\] BAR0 <- 0xffffffff", t) for t in lines)
     assert any(re.fullmatch(r"#\d+ write config \+0x042 \[2\] MSI.control <- 0x0001", t) for t in lines)
-    assert any(re.fullmatch(r"#\d+ read  BAR0   \+0x000 \[4\] -> 0x010000ed", t) for t in lines)
-    assert any(re.fullmatch(r"#\d+ write BAR0   \+0x064 \[4\] <- 0x00000001 \(posted\)", t) for t in lines)
+    assert any(re.fullmatch(r"#\d+ read  BAR0   \+0x000 \[4\] edu\.ident -> 0x010000ed", t) for t in lines)
+    assert any(re.fullmatch(r"#\d+ write BAR0   \+0x064 \[4\] edu\.irq_ack <- 0x00000001 \(posted\)", t) for t in lines)
     assert any(re.fullmatch(r"#\d+ DMA_MAP 0x0 \+0x100000 read/write -> ok", t) for t in lines)
     assert any(re.fullmatch(r"#\d+ SET_IRQS MSI 0 trigger eventfd -> ok", t) for t in lines)
     assert any(t.startswith("#0 VERSION 0.0 -> 0.0 (max_msg_fds 16,") for t in lines)
@@ -78,7 +78,7 @@ def test_verbose_shows_interrupts_dma_and_deferred_work_with_their_cause(verbose
     assert any(t.startswith(f"DMA write {edu_session.DST:#x} +0x80 by message: ") for t in lines)
     # What a message made the device do follows the message, indented: the MSI its raise sent.
     raw = [m[3] for m in map(LINE.match, err.splitlines()) if m]
-    raise_at = next(i for i, t in enumerate(raw) if re.fullmatch(r"#\d+ write BAR0   \+0x060 \[4\] <- 0x00000010", t))
+    raise_at = next(i for i, t in enumerate(raw) if re.fullmatch(r"#\d+ write BAR0   \+0x060 \[4\] edu\.irq_raise <- 0x00000010", t))
     assert raw[raise_at + 1] == "    IRQ MSI vector 0 sent"
 
 

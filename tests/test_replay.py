@@ -76,8 +76,9 @@ def test_a_recorded_edu_session_replays_against_edu(edu_trace):
 class EduOtherIdent(Edu):
     """edu, but the identification register says minor version 1."""
 
-    def _register(self, offset):
-        return 0x010100ED if offset == 0 else super()._register(offset)
+    def _power_on(self):
+        super()._power_on()
+        self.regs.ident.value = 0x010100ED
 
 
 class EduSlowFactorial(Edu):
@@ -99,7 +100,7 @@ def test_a_register_that_differs_is_the_divergence_with_both_values(edu_trace):
     result = replay(list(load_events(edu_trace)), EduOtherIdent())
     d = result.divergence
     assert d is not None and d.context.startswith("message #")
-    assert d.request.endswith("read  BAR0   +0x000 [4]")
+    assert d.request.endswith("read  BAR0   +0x000 [4] edu.ident")
     assert d.recorded.endswith("-> 0x010000ed") and d.model.endswith("-> 0x010100ed")
     text = str(d)
     assert "recorded: " in text and "model:    " in text and f"trace entry {d.entry}" in text
@@ -196,8 +197,9 @@ def test_work_of_other_threads_is_noted_and_a_trace_without_a_session_refused(tm
 def test_the_replay_command_exits_0_when_all_match_1_at_a_divergence_2_for_bad_input(edu_trace, tmp_path):
     (tmp_path / "variant.py").write_text("from vfiouser.devices.edu import Edu\n\n"
                                          "class Edu2(Edu):\n"
-                                         "    def _register(self, offset):\n"
-                                         "        return 0x010100ED if offset == 0 else super()._register(offset)\n")
+                                         "    def _power_on(self):\n"
+                                         "        super()._power_on()\n"
+                                         "        self.regs.ident.value = 0x010100ED\n")
 
     def run(*args):
         return subprocess.run(VFIOUSER + ["replay", *args], capture_output=True, text=True, timeout=120,
@@ -207,7 +209,7 @@ def test_the_replay_command_exits_0_when_all_match_1_at_a_divergence_2_for_bad_i
     assert same.returncode == 0 and same.stdout.startswith("replay: the model matches the recording"), same.stdout
     other = run(edu_trace, "variant.py:Edu2")
     assert other.returncode == 1
-    assert "  message:  #" in other.stdout and "read  BAR0   +0x000 [4]" in other.stdout
+    assert "  message:  #" in other.stdout and "read  BAR0   +0x000 [4] edu.ident" in other.stdout
     assert "  recorded: " in other.stdout and "-> 0x010000ed" in other.stdout and "-> 0x010100ed" in other.stdout
     bad = run(str(tmp_path / "variant.py"), "edu")
     assert bad.returncode == 2 and "is not a trace entry" in bad.stderr
