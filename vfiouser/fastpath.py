@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import os
 
+from .errors import ConnectionClosed, FramingError
+
 try:
     from ._fastloop import FastLoop
 except ImportError:  # not built: the pure-Python loop serves
     FastLoop = None
 
-__all__ = ["AVAILABLE", "wanted", "for_session"]
+__all__ = ["AVAILABLE", "wanted", "for_session", "serve"]
 
 #: whether the C loop was built
 AVAILABLE = FastLoop is not None
@@ -51,3 +53,23 @@ def for_session(session, *, watchdog, spin: float):
                     outbox=session.outbox, failed=session.dispatcher.failed, send_lock=transport._send_lock,
                     send_rest=transport.send, watchdog=watchdog, max_xfer=session.dispatcher.max_xfer,
                     anc_size=transport._ancbuf, spin=spin)
+
+
+def serve(session, fast) -> list | None:
+    """Let the C loop ``fast`` serve ``session`` until it meets something for Python; the
+    frames it handed over (None when the session is over), as
+    :meth:`vfiouser.transport.Transport.receive` would return them."""
+    try:
+        kind, data, ancdata, msg_flags = fast.run()
+    except ConnectionClosed as exc:  # sending its replies failed: as Session.process
+        session.log.info("client disconnected while we replied (%s)", exc)
+        session.close_after_reply("send failed")
+        return None
+    try:
+        if kind == "data":
+            return session.transport.feed(data, ancdata or (), msg_flags)
+        if kind == "eof":
+            raise ConnectionClosed("peer closed the connection")
+        raise ConnectionClosed(f"receive failed: {os.strerror(data)}")
+    except (ConnectionClosed, FramingError) as exc:
+        return session.receive_failed(exc)

@@ -343,7 +343,7 @@ class Server:
         try:
             while not self._stopping:
                 if fast is not None and dispatcher.fast and transport.drained:
-                    frames = self._run_fast(session, fast)
+                    frames = fastpath.serve(session, fast)
                 elif spin:
                     frames = self._poll_then_wait(session, spin)
                 else:
@@ -363,25 +363,6 @@ class Server:
             log.exception("unexpected error serving %s; dropping that connection", session.name)
         finally:
             self._end_session()
-
-    @staticmethod
-    def _run_fast(session: Session, fast) -> list | None:
-        """Let the C loop serve until it meets something for Python; the frames it handed over
-        (None when the session is over), as :meth:`Transport.receive` would return them."""
-        try:
-            kind, data, ancdata, msg_flags = fast.run()
-        except ConnectionClosed as exc:  # sending its replies failed: as Session.process
-            session.log.info("client disconnected while we replied (%s)", exc)
-            session.close_after_reply("send failed")
-            return None
-        try:
-            if kind == "data":
-                return session.transport.feed(data, ancdata or (), msg_flags)
-            if kind == "eof":
-                raise ConnectionClosed("peer closed the connection")
-            raise ConnectionClosed(f"receive failed: {os.strerror(data)}")
-        except (ConnectionClosed, FramingError) as exc:
-            return session.receive_failed(exc)
 
     @staticmethod
     def _poll_then_wait(session: Session, spin: float) -> list | None:
