@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+from .devices.pci.worker import DeviceWorker
 from .errors import ConnectionClosed, FramingError
 
 try:
@@ -43,10 +44,13 @@ def wanted(requested: bool = True) -> bool:
 def for_session(session, *, watchdog, spin: float):
     """A C loop serving ``session``'s socket (see the module docstring)."""
     transport, batch = session.transport, session._batch
-    exit_batch = batch.__exit__
+    if isinstance(batch, DeviceWorker):  # its release takes no arguments: no wrapper per wake-up
+        release = batch.release
+    else:
+        exit_batch = batch.__exit__
 
-    def release() -> None:
-        exit_batch(None, None, None)
+        def release() -> None:
+            exit_batch(None, None, None)
 
     return FastLoop(fd=transport.fileno(), region_read=session.port.region_read,
                     region_write=session.port.region_write, hold=batch.__enter__, release=release,
