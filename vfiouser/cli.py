@@ -136,7 +136,7 @@ def _cmd_serve(args) -> int:
             return 2
         options["seed"] = args.seed
     if args.backend == DEFAULT_BACKEND:
-        options = {"poll_us": args.poll_us}
+        options["poll_us"] = args.poll_us
     elif args.trace or args.poll_us:
         print(f"vfiouser: --trace and --poll-us need the {DEFAULT_BACKEND} backend; "
               f"{args.backend} does not offer them", file=sys.stderr)
