@@ -2,8 +2,8 @@
 a faulted session recorded by ``vfiouser serve --faults --trace`` that ``vfiouser replay`` reproduces
 with the same plan and seed."""
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +21,9 @@ IO_BASE = 0xC000
 #: the issue's rules: the first read of the inputs 0-7 port inverted, writes to outputs 0-7 dropped
 PLAN = [{"on": "read", "region": "bar2", "offset": 1, "size": 1, "do": {"xor": 255}, "count": 1},
         {"on": "write", "region": "bar2", "offset": 0, "do": "drop"}]
+#: the same two rules and read fuzzing of inputs 8-15: docs/hardening.md's plan
+DOCS_PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "examples",
+                         "idio16-faults.json")
 
 
 def test_a_read_is_inverted_once_and_a_dropped_write_never_lands(qemu_qtest, backend):
@@ -39,11 +42,12 @@ def test_a_read_is_inverted_once_and_a_dropped_write_never_lands(qemu_qtest, bac
 
 
 def test_a_faulted_cli_session_is_traced_and_replays_with_the_same_plan(qemu_binary, sockdir, tmp_path):
-    plan_path, trace_path = tmp_path / "plan.json", tmp_path / "run.jsonl"
-    plan_path.write_text(json.dumps(PLAN + [{"on": "read", "region": "bar2", "offset": 5, "do": "random"}]))
+    """docs/hardening.md's commands, with its plan."""
+    plan_path, trace_path = DOCS_PLAN, tmp_path / "run.jsonl"
     sock = os.path.join(sockdir, "idio16.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "idio16", "-s", sock, "--param",
-                             "loopback=on", "--faults", str(plan_path), "--seed", "42", "--trace", str(trace_path)],
+                             "loopback=on", "--faults", str(plan_path), "--seed", "42", "--trace", str(trace_path),
+                             "-v", "--only", "bar2,fault"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         spec = proc.stdout.readline().strip()[len("-device '"):-1]
@@ -63,6 +67,13 @@ def test_a_faulted_cli_session_is_traced_and_replays_with_the_same_plan(qemu_bin
     assert [(f["rule"], f["do"]) for f in faults] == [(1, "drop"), (0, "xor")] + [(2, "random")] * 4
     assert faults[1]["before"] == "00" and faults[1]["after"] == "ff"
     assert [int(f["after"], 16) for f in faults[2:]] == fuzzed
+    with open(os.path.join(os.path.dirname(DOCS_PLAN), "..", "hardening.md")) as f:
+        documented = re.findall(r"(FAULT rule .*)", f.read())
+    logged = re.findall(r"(FAULT rule .*)", err)
+    assert len(documented) == 3 and all(line in logged for line in documented)   # the page shows this run
+    shown = subprocess.run([sys.executable, "-m", "vfiouser", "trace", "show", str(trace_path), "--only", "fault"],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert re.findall(r"(FAULT rule .*)", shown) == logged
 
     def replay(*extra):
         return subprocess.run([sys.executable, "-m", "vfiouser", "replay", str(trace_path), "idio16", "--param",

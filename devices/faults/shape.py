@@ -5,8 +5,8 @@ register and field (``"register": "status.computing"``) wherever the model maps
 a :class:`~vfiouser.devices.regs.RegisterBlock` onto a BAR; a block's own name
 may prefix it (``"edu.status"``). :class:`RegisterShapes` resolves those names to
 ``(region, first offset, last offset, bit mask)`` and, for read fuzzing, gives
-per byte the bits the map defines (fields), so "random" leaves reserved bits as
-the model reads them.
+per byte the bits the map defines for reads (fields software may read), so
+"random" leaves reserved bits (and write-only fields) as the model reads them.
 
 >>> from vfiouser.devices.idio16 import Idio16
 >>> shapes = RegisterShapes(Idio16().port)
@@ -17,8 +17,6 @@ the model reads them.
 """
 
 from __future__ import annotations
-
-from vfiouser.devices.regs.access import RSVD
 
 from .plan import FaultPlanError
 
@@ -53,7 +51,7 @@ class RegisterShapes:
             start = base + reg.offset
             defined = 0
             for f in reg.fields:
-                if f.sw != RSVD:
+                if "r" in f.sw:  # a field software reads (not reserved, not write-only)
                     defined |= f.mask
                 if not reg.implicit:
                     for name in (f"{reg.path}.{f.name}", f"{prefix}{reg.path}.{f.name}"):
