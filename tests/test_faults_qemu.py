@@ -2,6 +2,7 @@
 a faulted session recorded by ``vfiouser serve --faults --trace`` that ``vfiouser replay`` reproduces
 with the same plan and seed."""
 
+import logging
 import os
 import re
 import signal
@@ -26,7 +27,9 @@ DOCS_PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
                          "idio16-faults.json")
 
 
-def test_a_read_is_inverted_once_and_a_dropped_write_never_lands(qemu_qtest, backend):
+def test_a_read_is_inverted_once_and_a_dropped_write_never_lands(qemu_qtest, backend, caplog):
+    caplog.set_level(logging.DEBUG, logger="vfiouser.observe")            # -v: our engine's readable log
+    caplog.set_level(logging.DEBUG, logger="vfiouser.devices.faults")     # -v: faults a backend does not log
     dev = Idio16()
     dev.set_inputs(0x1234)
     vm = qemu_qtest(dev, backend=backend, faults=PLAN)
@@ -39,6 +42,9 @@ def test_a_read_is_inverted_once_and_a_dropped_write_never_lands(qemu_qtest, bac
     read_rule, write_rule = gpio.server.port.faults.summary().rules
     assert (read_rule.matched, read_rule.fired) == (3, 1)
     assert write_rule.fired == 1
+    logged = [re.search(r"FAULT .*", r.getMessage()).group(0) for r in caplog.records if "FAULT" in r.getMessage()]
+    assert logged == ["FAULT rule 0: read BAR2+0x1 (1 byte) idio16.in0_7 xor 0xff: 0x34 -> 0xcb",
+                      "FAULT rule 1: write BAR2+0x0 (1 byte) idio16.out0_7 drop: 0xa5 -> dropped"]
 
 
 def test_a_faulted_cli_session_is_traced_and_replays_with_the_same_plan(qemu_binary, sockdir, tmp_path):
