@@ -252,3 +252,29 @@ def test_the_cli_refuses_a_bad_plan_and_logs_the_summary_at_exit(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vfiouser", "serve", "idio16", "-s", sock, "--faults",
                           str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "rule 0, field 'region'" in out.stderr
+
+
+@pytest.mark.parametrize("fast_loop", [True, False], ids=["c-loop", "python-fast-path"])
+def test_faults_apply_on_the_fast_paths_and_disconnect_ends_the_c_loop(sockdir, fast_loop):
+    """Unobserved, a session serves region accesses by the C loop (or the dispatcher's fast path):
+    they call the fault port's methods as well."""
+    from vfiouser import fastpath
+
+    if fast_loop and not fastpath.wanted():
+        pytest.fail("the C loop is not built (or VFIOUSER_PURE_PYTHON is set): this test needs it")
+    dev = Idio16()
+    dev.set_inputs(0x0F)
+    plan = [{"on": "read", "region": "bar2", "offset": 1, "do": {"xor": 255}, "count": 1},
+            {"on": "write", "region": "bar2", "offset": 0, "do": "drop"},
+            {"on": "read", "region": "bar2", "offset": 7, "do": "disconnect"}]
+    with serve_in_thread(dev, os.path.join(sockdir, "d.sock"), faults=plan, fast_loop=fast_loop) as server:
+        with Client.connect(server.path, timeout=2) as c:
+            c.bring_up()
+            assert server.session.dispatcher.fast and server.fast_loop == fast_loop
+            assert [c.region_read(2, 1, 1) for _ in range(2)] == [b"\xf0", b"\x0f"]
+            c.region_write(2, 0, b"\x33")
+            assert dev.outputs == 0
+            with pytest.raises((ConnectionClosed, OSError, TimeoutError)):
+                c.region_read(2, 7, 1)
+        assert server.wait_idle(5)
+    assert [r.fired for r in server.port.faults.summary().rules] == [1, 1, 1]
