@@ -20,6 +20,7 @@ sit between the two without either knowing::
     port.dma_allowed()                         -->  bus mastering on? (asked between DMA chunks)
     port.describe_access(index, offset, size)  -->  register names, for logs and traces
     port.activity.watch(watcher)               -->  deferred tasks and lock order (trace, replay)
+    port.faults                                -->  a fault plan's injector, to watch (or None)
     port.detach()                              -->  the client went away ...
     port.reset(ResetReason.CLIENT_LOST)        -->  ... so the next one meets a powered-on device
     sink.intx(level), sink.msi(v), sink.msix(v)<--  the model's interrupts
@@ -281,6 +282,10 @@ class DevicePort(abc.ABC):
         """The model's own activity, for backends that record or replay sessions; None for a
         model that has none to show (then a replay cannot place its background work)."""
         return None
+
+    #: The fault plan applied to this port (a :class:`~vfiouser.devices.faults.FaultInjector`), for
+    #: backends that report faults (their log and trace watch it); None: the model as it is.
+    faults = None
 
     def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
         """The names of the registers (and fields) an access of ``size`` bytes at ``offset`` of

@@ -27,7 +27,7 @@ import importlib
 
 from .errors import UsageError
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "UnknownBackend", "server_class", "make_server"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "UnknownBackend", "server_class", "make_server", "with_faults"]
 
 #: backend name -> "module:Class" of its server (imported when asked for: libvfio-user's
 #: backend loads a C library)
@@ -51,7 +51,27 @@ def server_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def make_server(device, path: str, *, backend: str | None = None, **kwargs):
+def make_server(device, path: str, *, backend: str | None = None, faults=None, seed: int = 0, **kwargs):
     """A server of ``backend`` (default :data:`DEFAULT_BACKEND`) serving ``device`` on ``path``;
-    ``kwargs`` go to its constructor."""
+    ``kwargs`` go to its constructor. ``faults`` (a fault plan, its JSON or its path) serves the
+    device through a :class:`~vfiouser.devices.faults.FaultPort` seeded with ``seed``
+    (``server.port.faults.summary()`` counts what it did)."""
+    if faults is not None:
+        device = with_faults(device, faults, seed=seed, backend=backend or DEFAULT_BACKEND)
     return server_class(backend or DEFAULT_BACKEND)(device, path, **kwargs)
+
+
+def with_faults(device, faults, *, seed: int = 0, backend: str = DEFAULT_BACKEND):
+    """``device`` wrapped in a :class:`~vfiouser.devices.faults.FaultPort` for ``backend``: a plan
+    that needs what only our engine does (reply rules, a device that vanishes) is refused for
+    libvfio-user with a :class:`~vfiouser.devices.faults.FaultPlanError`."""
+    from vfiouser.devices.faults import FaultPlanError, FaultPort, load_plan
+
+    plan = load_plan(faults)
+    if backend != DEFAULT_BACKEND:
+        for rule in plan.rules:
+            if rule.on == "reply" or rule.action == "disconnect":
+                raise FaultPlanError(f"the {backend} backend cannot change replies or drop its client; serve this "
+                                     f"plan with the {DEFAULT_BACKEND} backend", rule.index,
+                                     "on" if rule.on == "reply" else "do")
+    return FaultPort(device, plan, seed=seed)

@@ -24,7 +24,10 @@ lines (:mod:`vfiouser.trace`) for ``vfiouser trace show`` and ``vfiouser replay`
 (:mod:`vfiouser.replay`: exit 0 when everything matches, 1 at the first
 divergence). ``--backend libvfio-user`` serves the device through libvfio-user
 instead of our own engine (:mod:`vfiouser.backends`; it takes no ``--trace`` or
-``--poll-us``). Refusals are one line that says what to do (exit 2 for bad
+``--poll-us``). ``--faults PLAN.json [--seed N]`` serves the device through a fault
+plan (:mod:`vfiouser.devices.faults`, ``docs/hardening.md``): every fault is logged
+with ``-v`` and traced, and the count of each rule's faults is logged at exit;
+``vfiouser replay ... --faults PLAN.json --seed N`` replays such a session. Refusals are one line that says what to do (exit 2 for bad
 arguments, 1 when the server cannot start).
 """
 
@@ -43,6 +46,8 @@ from vfiouser.devices import BUILTIN_DEVICES, DeviceLoadError, load_device_class
 
 from . import __version__, observe
 from .backends import BACKENDS, DEFAULT_BACKEND, make_server
+from vfiouser.devices.faults import FaultPlanError, load_plan
+
 from .errors import VfioUserError
 from .libvfio_user.bindings import LibraryNotFound
 from .readable import Filter, UnknownCategory
@@ -113,6 +118,7 @@ def _setup_logging(verbosity: int, wanted: Filter | None = None, quiet: bool = F
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING if quiet else logging.INFO)
     if verbosity >= 1:
         logging.getLogger(observe.__name__).setLevel(logging.DEBUG)
+        logging.getLogger("vfiouser.devices.faults").setLevel(logging.DEBUG)  # faults a backend does not log
 
 
 def _cmd_serve(args) -> int:
@@ -122,8 +128,15 @@ def _cmd_serve(args) -> int:
         print(f"vfiouser: {exc}", file=sys.stderr)
         return 2
     options = {}
+    if args.faults is not None:
+        try:
+            options["faults"] = load_plan(args.faults)
+        except FaultPlanError as exc:
+            print(f"vfiouser: --faults {args.faults}: {exc}", file=sys.stderr)
+            return 2
+        options["seed"] = args.seed
     if args.backend == DEFAULT_BACKEND:
-        options = {"poll_us": args.poll_us}
+        options["poll_us"] = args.poll_us
     elif args.trace or args.poll_us:
         print(f"vfiouser: --trace and --poll-us need the {DEFAULT_BACKEND} backend; "
               f"{args.backend} does not offer them", file=sys.stderr)
@@ -140,6 +153,9 @@ def _cmd_serve(args) -> int:
     except LibraryNotFound as exc:
         print(f"vfiouser: {exc}", file=sys.stderr)
         return 1
+    except FaultPlanError as exc:
+        print(f"vfiouser: --faults {args.faults}: {exc}", file=sys.stderr)
+        return 2
     except (VfioUserError, OSError) as exc:
         print(f"vfiouser: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         if tracer is not None:
@@ -170,6 +186,8 @@ def _cmd_serve(args) -> int:
         grace.cancel()
         if tracer is not None:
             tracer.close()
+        if server.port.faults is not None:
+            log.info("%s", server.port.faults.summary())
     return 0
 
 
@@ -245,8 +263,8 @@ def _cmd_replay(args) -> int:
     try:
         entries = list(load_events(args.file))
         device = make_device(args.device, _parse_params(args.param))
-        result = replay(entries, device, timeout=args.timeout)
-    except (TraceError, DeviceLoadError, ReplayError) as exc:
+        result = replay(entries, device, timeout=args.timeout, faults=args.faults, seed=args.seed)
+    except (TraceError, DeviceLoadError, ReplayError, FaultPlanError) as exc:
         print(f"vfiouser: {exc}", file=sys.stderr)
         return 2
     for note in result.notes:
@@ -275,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"protocol engine (default {DEFAULT_BACKEND}: ours; libvfio-user: the C library, "
                             "built by scripts/get-libvfio-user or named by $VFIOUSER_LIBVFIO_USER)")
     serve.add_argument("--trace", metavar="FILE", help="record every message to FILE as JSON lines")
+    add_fault_options(serve)
     serve.add_argument("-v", "--verbose", action="count", default=0,
                        help="log every message with its reply, interrupts, DMA and deferred work, readably "
                             "(-vv: also every debug line and the raw protocol)")
@@ -298,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device parameter (repeatable), as for serve")
     rerun.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                        help=f"seconds to wait for the device's deferred work at each step (default {DEFAULT_TIMEOUT:g})")
+    add_fault_options(rerun)
     rerun.add_argument("-v", "--verbose", action="count", default=0,
                        help="log the replayed session as -v logs a live one")
     add_filter_options(rerun)
@@ -308,9 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_fault_options(parser: argparse.ArgumentParser) -> None:
+    """``--faults PLAN.json`` and ``--seed N`` (:mod:`vfiouser.devices.faults`)."""
+    parser.add_argument("--faults", metavar="PLAN.json",
+                        help="serve the device through this fault plan (docs/hardening.md)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the fault plan's random choices (default 0): same seed, same faults")
+
+
 def add_filter_options(parser: argparse.ArgumentParser) -> None:
     """``--only`` and ``--hide``: which categories of lines to show (:class:`~vfiouser.readable.Filter`)."""
-    names = "bar0-bar5, bars, rom, config, vga, irq, dma, task, setup"
+    names = "bar0-bar5, bars, rom, config, vga, irq, dma, task, fault, setup"
     parser.add_argument("--only", action="append", default=[], metavar="WHAT",
                         help=f"show only these (repeatable or comma-separated: {names})")
     parser.add_argument("--hide", action="append", default=[], metavar="WHAT",

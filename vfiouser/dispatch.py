@@ -14,7 +14,13 @@
    the protocol does not define: ENOSYS; one it defines that we do not serve:
    EOPNOTSUPP; a server-to-client command: EINVAL), run the handler, queue its
    reply, close the fds it did not keep.
-3. **Errors**: an exception becomes an error reply (none if the command said
+3. **Faults** (a port with a fault plan, :mod:`vfiouser.devices.faults`): a
+   port whose plan changes replies has a ``reply_fault`` method, called before
+   each command is served (it may sleep, raise, or say "drop": serve without a
+   reply); the fast path is off for such a port. A
+   :class:`~vfiouser.devices.faults.Disconnect` raised by the port, on any path,
+   drops the client: no reply, the socket is shut down.
+4. **Errors**: an exception becomes an error reply (none if the command said
    NO_REPLY) whose errno is the exception's ``errno`` when it is a framework
    error (:class:`~vfiouser.iomgr.VfioUserError`) and EIO for anything else
    (a bug in the model, logged with its traceback). A failed VERSION closes
@@ -30,6 +36,7 @@ import errno
 import struct
 
 from vfiouser.devices.errors import RegionAccessError
+from vfiouser.devices.faults import Disconnect, InjectedFailure
 from vfiouser.iomgr.errors import VfioUserError
 
 from .errors import MalformedMessage, MessageTooLarge, NegotiationError, ProtocolError, UnknownCommand, \
@@ -74,6 +81,8 @@ class Dispatcher:
         self.handlers = handlers
         self.max_xfer = handlers.max_xfer  # the full path's limit, shared
         self.table = self._build_table(handlers.table())
+        #: the port's fault plan's say on replies (None: no reply rules)
+        self.reply_fault = getattr(self.port, "reply_fault", None)
         #: whether the fast path may run (see :meth:`refresh`)
         self.fast = False
 
@@ -90,7 +99,7 @@ class Dispatcher:
 
     def refresh(self) -> None:
         """Turn the fast path on exactly while the session runs and nothing observes messages."""
-        self.fast = self.session.running and not self.outbox.observed
+        self.fast = self.session.running and not self.outbox.observed and self.reply_fault is None
 
     # -- one message ---------------------------------------------------------------------
 
@@ -166,6 +175,7 @@ class Dispatcher:
             handler = self.table.get(cmd)
             if handler is None:
                 raise UnknownCommand(f"unknown command {cmd}")
+            drop = self.reply_fault is not None and self.reply_fault(command_name(cmd)) == "drop"
             reply = handler(frame)
         except BaseException as exc:  # a model that raises anything gets an error reply
             self.failed(msg_id, cmd, flags, exc)
@@ -175,13 +185,27 @@ class Dispatcher:
                 self.log.debug("closing %d fd(s) %s #%d did not use", len(fds), command_name(cmd), msg_id)
                 close_fds(fds)
                 fds.clear()
-        if not flags & _NO_REPLY:
+        if not flags & _NO_REPLY and not drop:
             parts, reply_fds = reply if isinstance(reply, tuple) else (reply, ())
             outbox.reply(msg_id, cmd, parts, reply_fds)
 
     def failed(self, msg_id: int, cmd: int, flags: int, exc: Exception) -> None:
         """Log a failed command and queue its error reply (unless NO_REPLY). Called from the
-        ``except`` clause, so a model's failure is logged with its traceback."""
+        ``except`` clause, so a model's failure is logged with its traceback. A fault plan's
+        :class:`~vfiouser.devices.faults.Disconnect` drops the client instead."""
+        if isinstance(exc, Disconnect):
+            self.log.warning("%s #%d: %s; dropping the client", command_name(cmd), msg_id, exc)
+            self.session.close_after_reply(str(exc))
+            try:
+                self.session.transport.sock.shutdown(2)  # SHUT_RDWR: ends the C loop's wait too
+            except OSError:
+                pass
+            return
+        if isinstance(exc, InjectedFailure):
+            self.log.info("%s #%d: %s", command_name(cmd), msg_id, exc)
+            if not flags & _NO_REPLY:
+                self.outbox.error(msg_id, cmd, exc.errno)
+            return
         if isinstance(exc, VfioUserError):
             err = exc.errno
             if isinstance(exc, (ProtocolError, RegionAccessError)):  # the client's request was wrong

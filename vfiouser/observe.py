@@ -9,6 +9,8 @@ or traced (``--trace``) gets a :class:`SessionObserver`. It sees:
   wrappers around the session's :class:`~vfiouser.devices.port.InterruptSink`
   and :class:`~vfiouser.devices.port.DmaBackend` (:class:`ObservedSink`,
   :class:`ObservedDma`);
+* every fault a fault plan injects (:mod:`vfiouser.devices.faults`: the port's
+  ``faults`` injector reports to the observer while it watches);
 * the model's own activity (:class:`~vfiouser.devices.port.ModelActivity`):
   deferred tasks starting and finishing, and, while tracing, every outermost
   take of the device lock by a thread other than the serving one.
@@ -99,6 +101,8 @@ class SessionObserver(ActivityWatcher):
     def start(self) -> None:
         """The client arrived: note it, and watch the model's own activity."""
         self.point("session", event="connect", client=self.client)
+        if self.port.faults is not None:
+            self.port.faults.watch(self)
         activity = self.port.activity
         if activity is not None:
             activity.watch(self, lock=self.tracer is not None)
@@ -110,6 +114,8 @@ class SessionObserver(ActivityWatcher):
 
     def stop(self) -> None:
         """Stop watching the model (after the session's last reset)."""
+        if self.port.faults is not None:
+            self.port.faults.watch(None)
         if self._watching:
             self._watching = False
             self.port.activity.watch(None)
@@ -230,6 +236,10 @@ class SessionObserver(ActivityWatcher):
         caused, self._caused = self._caused, []
         for text, category, ms in caused:
             self._log("    " + text, category, ms)
+
+    def fault(self, event: dict) -> None:
+        """A fault the port's plan injected (:class:`~vfiouser.devices.faults.FaultWatcher`)."""
+        self.event("fault", **event)
 
     # -- the model's own activity (ActivityWatcher) ------------------------------------------
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 import errno
 import json
 
+from vfiouser.devices.faults import fault_line
+
 from .errors import UsageError
 from .protocol import (
     DMA_ACCESS,
@@ -60,7 +62,8 @@ __all__ = ["exchange", "request_line", "event_line", "category", "event_category
 REGION_NAMES = ("BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "config", "VGA")
 IRQ_NAMES = ("INTx", "MSI", "MSI-X", "ERR", "REQ")
 #: Every category a line can have (see the module docstring); ``bars`` is a shorthand.
-CATEGORIES = ("bar0", "bar1", "bar2", "bar3", "bar4", "bar5", "rom", "config", "vga", "irq", "dma", "task", "setup")
+CATEGORIES = ("bar0", "bar1", "bar2", "bar3", "bar4", "bar5", "rom", "config", "vga", "irq", "dma", "task", "fault",
+              "setup")
 _SHORTHANDS = {"bars": ("bar0", "bar1", "bar2", "bar3", "bar4", "bar5")}
 _ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
 _IRQ_COMMANDS = (int(Command.DEVICE_GET_IRQ_INFO), int(Command.DEVICE_SET_IRQS))
@@ -304,7 +307,7 @@ def event_category(event: dict) -> str:
     kind = event.get("dir")
     if kind in ("in", "out"):
         return category(bytes.fromhex(event["msg"])) if isinstance(event.get("msg"), str) else category(event["msg"])
-    return {"irq": "irq", "dma": "dma", "task": "task"}.get(kind, "setup")
+    return {"irq": "irq", "dma": "dma", "task": "task", "fault": "fault"}.get(kind, "setup")
 
 
 def event_line(event: dict) -> str:
@@ -333,6 +336,8 @@ def event_line(event: dict) -> str:
             return f"task {name} started"
         error = f", raised {event['error']}" if event.get("error") else ""
         return f"task {name} finished{error}"
+    if kind == "fault":
+        return fault_line(event)
     if kind == "session":
         return {"connect": "client connected", "close": "client gone"}.get(event.get("event"), event.get("event"))
     return json.dumps(event)

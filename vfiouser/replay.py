@@ -12,7 +12,14 @@ socket) and compares, step by step:
   payload, and the number of fds it carried;
 * **what each message made the device do**, and what each deferred task did:
   interrupts (kind and level or vector), DMA (direction, address, size, the
-  bytes written, or the kind of failure) and deferred tasks (name, in order).
+  bytes written, or the kind of failure), deferred tasks (name, in order) and
+  the faults of a fault plan (rule, what it hit, the values before and after).
+
+A session recorded with a fault plan replays with the same plan and seed
+(``replay(..., faults=plan, seed=n)``, ``vfiouser replay ... --faults PLAN --seed N``):
+the model is wrapped in the same :class:`~vfiouser.devices.faults.FaultPort`, so
+the faults fall where they fell (faults on a timer, ``on: time``, cannot: they
+come from another thread, like host-side calls).
 
 It stops at the first difference (a :class:`Divergence`). Whether an interrupt
 reached the client (its eventfd signalled) is not compared: that depends on the
@@ -140,7 +147,7 @@ class _SessionPlan:
             request = waiting.pop(HEADER.unpack_from(entry["msg"])[:2], None)
             if request is not None:
                 self.replies[request] = entry
-        elif kind in ("irq", "dma", "task"):
+        elif kind in ("irq", "dma", "task", "fault"):
             cause = tuple(entry.get("by") or ("other",))
             self.events[cause].append(entry)
             if cause[0] == "other":
@@ -180,6 +187,9 @@ def _key(event: dict) -> tuple:
         error = (event.get("error") or "").partition(":")[0]
         return kind, event["op"], event["addr"], event["size"], event.get("data") if event["op"] == "write" else "", \
             error
+    if kind == "fault":
+        return kind, event.get("rule"), event.get("do"), event.get("region"), event.get("offset"), event.get("before"), \
+            event.get("after"), event.get("kind"), event.get("vector"), event.get("addr"), event.get("command")
     return kind, event.get("event"), event.get("name"), (event.get("error") or "").partition(":")[0]
 
 
@@ -360,12 +370,21 @@ class _Replay:
         return self.events(plan, entry, ("task", task), f"what {context} did", "")
 
 
-def replay(entries, device, *, timeout: float = DEFAULT_TIMEOUT) -> ReplayResult:
+def replay(entries, device, *, timeout: float = DEFAULT_TIMEOUT, faults=None, seed: int = 0) -> ReplayResult:
     """Replay the trace ``entries`` (:func:`vfiouser.trace.load_events`) against ``device``, a
-    fresh model (or its port); see the module docstring. Raises :class:`ReplayError` for a trace
-    without a client session."""
+    fresh model (or its port), with the fault plan ``faults`` and ``seed`` it was recorded with,
+    if any; see the module docstring. Raises :class:`ReplayError` for a trace without a client
+    session."""
     sessions = _plan(entries)
     if not sessions:
         raise ReplayError("the trace has no client message in it (record one with vfiouser serve --trace FILE, "
                           "then attach a client)")
-    return _Replay(as_port(device), timeout).run(sessions)
+    port = as_port(device)
+    if faults is not None:
+        from vfiouser.devices.faults import FaultPort
+
+        port = FaultPort(port, faults, seed=seed)
+    elif any(e.get("dir") == "fault" for e in entries):
+        raise ReplayError("the trace was recorded with a fault plan: replay it with the same plan and seed "
+                          "(--faults PLAN --seed N)")
+    return _Replay(port, timeout).run(sessions)

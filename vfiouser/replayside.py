@@ -129,7 +129,7 @@ class ReplayRecorder:
         return self.point
 
     def event(self, kind: str, /, **fields) -> int:
-        if kind in ("irq", "dma", "task"):
+        if kind in ("irq", "dma", "task", "fault"):
             self.events[tuple(fields.get("by") or ("other",))].append({"dir": kind, **fields})
         return self.point
 

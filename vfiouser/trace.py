@@ -19,6 +19,9 @@ reaches, from the device port) and ``fds`` (what each fd was: ``{"kind":
 ``"dma"``           ``op`` (``read``, ``write``), ``addr``, ``size``, ``data`` (hex, the bytes that
                     moved), ``how`` (``in place``, ``by message``) or ``error``
 ``"task"``          ``event`` (``start``, ``finish``), ``task`` (numbered from 1), ``name``, ``error``
+``"fault"``         a fault plan's fault (:mod:`vfiouser.devices.faults`): ``rule``, ``on``, ``do``,
+                    ``operand``, and what it hit: ``region``/``offset``/``size`` with ``before``
+                    and ``after`` (hex), ``kind``/``vector``, ``op``/``addr``, or ``command``
 ``"lock"``          a deferred task (``task``) or another thread (``task`` null) took the device
                     lock; ``at``: ``[n, j]``, the serving thread had taken it ``j`` times since
                     serving point ``n`` (a message in, or a session event)
@@ -92,7 +95,7 @@ class Tracer:
                             "text": describe(cmd, flags, msg[HEADER_SIZE:], msg_id=msg_id, nfds=nfds), **fields})
 
     def event(self, kind: str, /, **fields) -> int:
-        """Add a device event (``kind`` is its ``dir``: session, irq, dma, task, lock); returns ``n``."""
+        """Add a device event (``kind`` is its ``dir``: session, irq, dma, task, fault, lock); returns ``n``."""
         return self._write({"dir": kind, **fields})
 
     def close(self) -> None:

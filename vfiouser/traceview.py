@@ -97,7 +97,7 @@ def lines(entries: Iterable[dict], wanted: Filter | None = None, *, raw: bool = 
                     del waiting[request.entry["n"]]
                     yield from shown(request.entry, entry, request)
             continue
-        if kind in ("irq", "dma", "task", "session"):
+        if kind in ("irq", "dma", "task", "fault", "session"):
             text, cat = event_line(entry), event_category(entry)
             by = entry.get("by") or []
             if not raw and len(by) == 2 and by[0] == "at" and by[1] in waiting:

@@ -120,11 +120,13 @@ class ServedDevice:
 
     ``model`` is a class, a device name or an instance; ``params`` go to the class.
     ``backend`` names the protocol engine (:mod:`vfiouser.backends`); ``memory`` is the
-    size of guest RAM from address 0; ``dma`` is ``"fd"`` or ``"message"``.
+    size of guest RAM from address 0; ``dma`` is ``"fd"`` or ``"message"``; ``faults`` and
+    ``seed`` serve the model through a fault plan (:mod:`vfiouser.devices.faults`; its
+    summary: ``dev.server.port.faults.summary()``).
     """
 
     def __init__(self, model, *, backend: str | None = None, memory: int = DEFAULT_MEMORY,
-                 dma: str = "fd", timeout: float = 5.0, **params) -> None:
+                 dma: str = "fd", timeout: float = 5.0, faults=None, seed: int = 0, **params) -> None:
         if dma not in DMA_MODES:
             raise UsageError(f"dma={dma!r}: use one of {', '.join(DMA_MODES)}")
         self.model = make_model(model, params)
@@ -135,7 +137,8 @@ class ServedDevice:
             self._dir = tempfile.mkdtemp(prefix="vfu-")
             self._stack.callback(shutil.rmtree, self._dir, True)
             self.server = self._stack.enter_context(
-                serve_in_thread(self.model, os.path.join(self._dir, "dev.sock"), backend=self.backend))
+                serve_in_thread(self.model, os.path.join(self._dir, "dev.sock"), backend=self.backend,
+                                **({"faults": faults, "seed": seed} if faults is not None else {})))
             self.memory = GuestMemory(memory)
             self._stack.callback(self.memory.close)
             self.client = Client.connect(self.server.path, dma_handler=self.memory.serve_dma, timeout=timeout)

@@ -79,7 +79,8 @@ def vfiouser_device():
     on a private socket, connects a client, maps 16 MiB of guest RAM at address 0, gives
     INTx an eventfd and places the BARs as firmware does. Options: ``backend=`` (default
     ``"vfiouser"``; ``"libvfio-user"``), ``dma="message"`` (DMA by DMA_READ/DMA_WRITE
-    instead of in place), ``memory=`` (bytes of guest RAM).
+    instead of in place), ``memory=`` (bytes of guest RAM), ``faults=`` and ``seed=`` (serve
+    it through a fault plan, :mod:`vfiouser.devices.faults`).
 
     The handle: ``dev.model`` (the live model), ``dev.bar(n).read(offset, size)`` /
     ``.write(offset, size, value)``, ``dev.config.read(offset, size)`` /
@@ -111,7 +112,8 @@ def qemu_qtest(request):
     models go in slots 4, 5, ...), starts a q35 QEMU with them, places every BAR and turns
     decoding and bus mastering on, as firmware does. Options: ``backend=``, ``params={...}``
     (for a single model class), ``memfd=True`` (guest RAM shared, DMA in place),
-    ``memory="128M"``, ``args=[...]`` (more QEMU arguments).
+    ``memory="128M"``, ``args=[...]`` (more QEMU arguments), ``faults=``/``seed=`` (a fault
+    plan for every model), ``tracer=`` (a :class:`~vfiouser.trace.Tracer`).
 
     ``vm.device`` (or ``vm.devices[i]``) offers ``model``, ``slot``, ``bar(n).read/write``
     (port or memory accesses at the BAR's address), ``config.read/write`` (config cycles),
@@ -150,7 +152,8 @@ def linux_guest(request):
     to your own ``.ko``; dependencies first), boots, and runs ``script`` with busybox
     ``sh``. ``g.models`` are the served models, ``g.expect(regex)`` waits for a console
     line, ``g.send(text)`` types on the console, and ``g.wait(timeout)`` returns the
-    result (``exit_code`` of the script, ``console``). Options: ``backend=``,
+    result (``exit_code`` of the script, ``console``). Options: ``backend=``, ``faults=`` and
+    ``seed=`` (a fault plan for every model: :mod:`vfiouser.devices.faults`),
     ``memfd=False`` (DMA by messages), ``append=``, ``memory=``. On failure the report
     shows the guest console, and pytest's captured log the server's (INFO and up). Needs QEMU and the guest kernel
     (``python -m vfiouser.testing.fetch guest``): skips without them, fails under
@@ -162,14 +165,15 @@ def linux_guest(request):
     report = request.node.stash.setdefault(_REPORT, {})
     started: list = []
 
-    def boot(script: str, *, devices=(), backend: str | None = None, **kwargs):
+    def boot(script: str, *, devices=(), backend: str | None = None, faults=None, seed: int = 0, **kwargs):
         qemu = kwargs.pop("qemu", None) or require_qemu()
         assets = require_guest_assets()
         require_backend(backend)
-        served = ServedModels(devices, backend=backend)
+        served = ServedModels(devices, backend=backend, faults=faults, seed=seed)
         started.append(served)
         guest = Guest(assets, script, devices=served.device_args, qemu=qemu, **kwargs)
         guest.models = served.models
+        guest.servers = served.servers
         started.append(guest)
         report.setdefault("guests", []).append(guest)
         return guest

@@ -239,19 +239,21 @@ class QtestVm:
 
     ``models`` are classes, device names or instances (``params`` go to the class when there
     is one model); ``backend`` names the protocol engine; ``memory``/``memfd``/``args`` are
-    :class:`~vfiouser.testing.qemu.QtestMachine`'s.
+    :class:`~vfiouser.testing.qemu.QtestMachine`'s; ``faults``/``seed`` (a fault plan) and
+    ``tracer`` go to :class:`~vfiouser.testing.served.ServedModels`.
     """
 
     def __init__(self, *models, backend: str | None = None, params: dict | None = None,
                  memory: str = "128M", memfd: bool = False, args=(), qemu: str | None = None,
-                 bring_up: bool = True) -> None:
+                 bring_up: bool = True, faults=None, seed: int = 0, tracer=None) -> None:
         if not models:
             raise UsageError("qemu_qtest needs at least one device model")
         if params and len(models) != 1:
             raise UsageError("params= applies to a single model; pass instances for several")
         self._stack = contextlib.ExitStack()
         try:
-            self.served = self._stack.enter_context(ServedModels(models, backend=backend, params=params))
+            self.served = self._stack.enter_context(ServedModels(models, backend=backend, params=params, faults=faults, seed=seed,
+                                                          tracer=tracer))
             self.backend = self.served.backend
             self.machine = self._stack.enter_context(
                 QtestMachine(self.served.device_args, args, qemu=qemu, memory=memory, memfd=memfd))

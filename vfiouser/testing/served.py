@@ -28,13 +28,19 @@ FIRST_SLOT = 4
 class ServedModels:
     """Serve ``devices`` (see the module docstring) on ``backend`` until :meth:`close`.
 
-    ``params`` go to the class when there is exactly one device. After construction:
+    ``params`` go to the class when there is exactly one device. ``faults`` (a fault plan,
+    :mod:`vfiouser.devices.faults`) and ``seed`` serve every model through a plan of its own;
+    ``tracer`` (a :class:`~vfiouser.trace.Tracer`) records the sessions. After construction:
     :attr:`models` (instances, in order), :attr:`slots`, :attr:`servers` and
     :attr:`device_args` (the ``-device`` values, pass-through strings included).
     """
 
-    def __init__(self, devices, *, backend: str | None = None, params: dict | None = None) -> None:
+    def __init__(self, devices, *, backend: str | None = None, params: dict | None = None, faults=None,
+                 seed: int = 0, tracer=None) -> None:
         self.backend = backend or DEFAULT_BACKEND
+        options = {"faults": faults, "seed": seed} if faults is not None else {}
+        if tracer is not None:
+            options["tracer"] = tracer
         self.models, self.slots, self.servers, self.device_args = [], [], [], []
         self._stack = contextlib.ExitStack()
         try:
@@ -47,7 +53,7 @@ class ServedModels:
                     continue
                 model = make_model(device, params or {})
                 server = self._stack.enter_context(
-                    serve_in_thread(model, os.path.join(directory, f"dev{i}.sock"), backend=self.backend))
+                    serve_in_thread(model, os.path.join(directory, f"dev{i}.sock"), backend=self.backend, **options))
                 self.models.append(model)
                 self.slots.append(slot)
                 self.servers.append(server)
