@@ -21,6 +21,7 @@ BUILTIN_DEVICES: dict[str, str] = {
     "pci-serial": "vfiouser.devices.serial:PciSerial",
     "virtio-rng": "vfiouser.devices.virtio.rng:VirtioRng",
     "ivshmem-plain": "vfiouser.devices.ivshmem:Ivshmem",
+    "nvme": "vfiouser.devices.nvme:NvmeController",
 }
 
 
