@@ -20,6 +20,7 @@ BUILTIN_DEVICES: dict[str, str] = {
     "edu": "vfiouser.devices.edu:Edu",
     "pci-serial": "vfiouser.devices.serial:PciSerial",
     "virtio-rng": "vfiouser.devices.virtio.rng:VirtioRng",
+    "virtio-blk": "vfiouser.devices.virtio.blk:VirtioBlk",
     "ivshmem-plain": "vfiouser.devices.ivshmem:Ivshmem",
     "nvme": "vfiouser.devices.nvme:NvmeController",
 }
