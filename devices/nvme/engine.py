@@ -17,9 +17,11 @@ Where an SQ runs: the admin queue always on the device's worker (deferred
 work, as any model's DMA). An I/O queue whose rings are guest memory the
 server reaches in place runs right in its doorbell's handler: in-place DMA
 needs no message, so it may, and it saves a wake-up of another thread on the
-path of every I/O. If a command there meets memory that would need a DMA
-message, DMA raises ``DmaWouldDeadlock`` before a byte moves, and that command
-and every later one go to the worker (until the next controller enable).
+path of every I/O. Two things send the rest of the queue to the worker from
+the command that meets them: a transfer larger than :data:`INLINE_LIMIT` (it
+would hold the serving thread), and memory that would need a DMA message
+(DMA raises ``DmaWouldDeadlock`` before a byte moves; then every queue goes
+to the worker until the next controller enable).
 
 Completions go to a CQ's backlog when it is full, and out when the host frees
 entries. A command that cannot be fetched, or a completion that cannot be
@@ -34,17 +36,20 @@ from typing import TYPE_CHECKING
 from vfiouser.devices.pci import DmaError, DmaWouldDeadlock
 
 from .queues import CompletionQueue, PrpError, SubmissionQueue
-from .spec import CSTS_CFS, CSTS_RDY, DOORBELL_BASE, EVENT_PARKED, SQE_SIZE, Command, Completion, Status
+from .spec import CSTS_CFS, CSTS_RDY, DOORBELL_BASE, EVENT_PARKED, SQE_SIZE, Command, Completion, NvmOpcode, Status
 
 if TYPE_CHECKING:
     from .controller import NvmeController
 
-__all__ = ["QueueEngine", "FETCH_BATCH", "INTERRUPT_BATCH"]
+__all__ = ["QueueEngine", "FETCH_BATCH", "INTERRUPT_BATCH", "INLINE_LIMIT"]
 
 #: Commands fetched from an SQ in one DMA read.
 FETCH_BATCH = 32
 #: Completions posted before an interrupt goes out even though the SQ still has commands.
 INTERRUPT_BATCH = 32
+#: Largest transfer run in a doorbell's handler: a bigger one would hold the serving thread (and
+#: every message QEMU sends the device meanwhile) for a millisecond, so the worker does it.
+INLINE_LIMIT = 64 << 10
 
 
 class QueueEngine:
@@ -146,8 +151,12 @@ class QueueEngine:
                 except DmaError as exc:
                     self._fatal(generation, f"cannot fetch commands from SQ {sq.qid}: {exc}")
                     return
+                inline = self.ctrl.worker.held_here()  # in the doorbell's handler
                 for i in range(count):
                     cmd = Command.decode(raw, SQE_SIZE * i)
+                    if inline and self._large(cmd):  # would hold the serving thread: the worker does it
+                        self._to_worker(sq, generation, memory_in_place=True)
+                        return
                     try:
                         done = self._execute(sq, cmd)
                     except DmaWouldDeadlock:  # inline only: this command and the rest go to the worker
@@ -170,10 +179,18 @@ class QueueEngine:
             if posted:
                 self._interrupt(sq.cq)
 
-    def _to_worker(self, sq: SubmissionQueue, generation: int) -> None:
-        """Inline processing met guest memory it cannot reach in place: the worker goes on."""
+    def _large(self, cmd: Command) -> bool:
+        """A read or write of more than :data:`INLINE_LIMIT` bytes."""
+        return cmd.opcode in (NvmOpcode.READ, NvmOpcode.WRITE) and \
+            (cmd.cdw12 & 0xFFFF) + 1 << self.ctrl.block_shift > INLINE_LIMIT
+
+    def _to_worker(self, sq: SubmissionQueue, generation: int, *, memory_in_place: bool = False) -> None:
+        """Inline processing hands the queue to the worker: for a large transfer, or because it met
+        guest memory it cannot reach in place (then every queue goes to the worker until the next
+        controller enable)."""
         with self.lock:
-            self._inline = False  # until the next controller enable: guest memory is not all in place
+            if not memory_in_place:
+                self._inline = False
             sq.scheduled = True
             self.defer(self.run_sq, sq, generation)
 

@@ -29,8 +29,9 @@ descriptors and the event index. One MSI-X vector per queue (the transport's).
 
 Where a queue's rings are guest memory the server reaches in place, a kick is
 served right in the notification's handler (in-place DMA needs no message, and
-no other thread wakes on the path of an I/O); otherwise, and whenever a
-request's memory turns out not to be in place, on the device's worker.
+no other thread wakes on the path of an I/O); otherwise on the device's
+worker, which also takes over from a request larger than :data:`INLINE_LIMIT`
+or one whose memory turns out not to be in place.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ _RANGE = struct.Struct("<QII")  # sector, number of sectors, flags (discard / wr
 SIZE_MAX = 1 << 20
 MAX_RANGE_SECTORS = (1 << 22) - 1
 MAX_RANGES = 32
+
+
+#: Largest request served in the notification's handler (a bigger one would hold the serving
+#: thread, and QEMU's messages for the device, for a millisecond): the worker serves it.
+INLINE_LIMIT = 64 << 10
+
+
+class _TooLarge(Exception):
+    """A request to hand to the worker rather than serve in the notification's handler."""
+
+
+def _data_size(chain: Chain) -> int:
+    return sum(n for _, n in chain.readable) + sum(n for _, n in chain.writable)
 
 
 def _split_front(segments: list[tuple[int, int]], size: int) -> tuple[list, list]:
@@ -150,8 +164,8 @@ class VirtioBlk(VirtioPciDevice):
                 try:
                     self.queue_kick(queue)
                     return
-                except DmaWouldDeadlock:
-                    pass  # memory that needs a message: the worker serves the rest
+                except (DmaWouldDeadlock, _TooLarge):
+                    pass  # memory that needs a message, or a large request: the worker serves the rest
                 except Exception:
                     self.log.exception("queue %d failed; the device needs a reset", index)
                     self.status |= STATUS_NEEDS_RESET
@@ -183,8 +197,10 @@ class VirtioBlk(VirtioPciDevice):
                         if queue.rearm():
                             continue
                         break
+                    if self.worker.held_here() and _data_size(chain) > INLINE_LIMIT:
+                        raise _TooLarge  # the notification's handler would be held: the worker serves it
                     status, written = self._serve(chain)
-                except DmaWouldDeadlock:
+                except (DmaWouldDeadlock, _TooLarge):
                     queue.last_avail = taken  # not served: the worker takes it from the ring again
                     raise
                 with self.lock:
