@@ -2,17 +2,24 @@
 
 ``vfiouser.devices.pci`` is the framework; each other module is a model. Built-in models
 are served by name (``vfiouser serve idio16``); any other model by its import
-path (``vfiouser serve mypkg.mymod:MyDevice``).
+path (``vfiouser serve mypkg.mymod:MyDevice``) or its file (``vfiouser serve
+./mydev.py:MyDevice``). :func:`parameters` lists what a model takes
+(:mod:`vfiouser.devices.params`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
+import traceback
 
-from vfiouser.devices.errors import DeviceError
+from vfiouser.devices.errors import DefinitionError, DeviceError
+from vfiouser.devices.params import Parameter, ParameterError, convert, parameters
 
-__all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadError"]
+__all__ = ["BUILTIN_DEVICES", "load_device_class", "make_device", "DeviceLoadError", "parameters"]
 
 #: Built-in device names and where their classes live.
 BUILTIN_DEVICES: dict[str, str] = {
@@ -22,74 +29,134 @@ BUILTIN_DEVICES: dict[str, str] = {
     "virtio-rng": "vfiouser.devices.virtio.rng:VirtioRng",
     "virtio-blk": "vfiouser.devices.virtio.blk:VirtioBlk",
     "ivshmem-plain": "vfiouser.devices.ivshmem:Ivshmem",
+    "regfile": "vfiouser.devices.regfile:RegfileDevice",
     "nvme": "vfiouser.devices.nvme:NvmeController",
 }
 
 
 class DeviceLoadError(DeviceError):
-    """A device name or path could not be turned into a device model, or its parameters are wrong."""
+    """A device name or path could not be turned into a device model, or its parameters are wrong.
+    The message says what to do about it."""
 
 
-def load_device_class(spec: str) -> type:
-    """The device class named by ``spec``: a built-in name or ``package.module:Class``."""
+def _import_file(path: str):
+    """Import the Python file ``path`` as a module named after it (its folder goes first on
+    ``sys.path``, as ``python path.py`` has it, so the file's own imports of its neighbours work)."""
+    if not os.path.isfile(path):
+        raise DeviceLoadError(f"{path}: no such file (give path/to/file.py:Class, or package.module:Class)")
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.splitext(os.path.basename(path))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == os.path.abspath(path):
+        return loaded
+    if loaded is not None or not name.isidentifier():  # a name taken by another module, or not a name
+        name = f"_vfiouser_file_{abs(hash(os.path.abspath(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        raise DeviceLoadError(f"importing {path} failed: {_where(exc, path)}") from exc
+    return module
+
+
+def _where(exc: BaseException, path: str) -> str:
+    """``ExcType: message (file:line)``, the line being the deepest one in ``path``."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}:{exc.lineno})"
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if os.path.abspath(frame.filename) == os.path.abspath(path):
+            line = frame.lineno
+    return f"{type(exc).__name__}: {exc}" + (f" ({path}:{line})" if line else "")
+
+
+def _import_module(module_name: str, class_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.split(".")[0] == exc.name.split(".")[0]:
+            first, last = module_name.split(".")[0], module_name.split(".")[-1]
+            raise DeviceLoadError(
+                f"cannot import {module_name!r}: no module {exc.name!r} on the path; run vfiouser from the "
+                f"folder that holds {first}.py (or {first}/), or give the file: path/to/{last}.py:{class_name}"
+            ) from exc
+        raise DeviceLoadError(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise DeviceLoadError(f"importing {module_name} failed: {_where(exc, getattr(exc, 'filename', '') or '')}") \
+            from exc
+
+
+def load_device_class(spec: str | type) -> type:
+    """The device class named by ``spec``: a built-in name, ``package.module:Class`` (resolved
+    from the current directory too, as ``python -m`` does), ``path/to/file.py:Class``, or a
+    :class:`~vfiouser.devices.pci.PciDevice` subclass itself."""
     from vfiouser.devices.pci import PciDevice
 
+    if inspect.isclass(spec):
+        if not issubclass(spec, PciDevice):
+            raise DeviceLoadError(f"{spec.__qualname__} is not a PciDevice subclass")
+        return spec
     path = BUILTIN_DEVICES.get(spec, spec)
-    module_name, sep, class_name = path.partition(":")
+    module_name, sep, class_name = path.rpartition(":")
     if not sep or not module_name or not class_name:
         known = ", ".join(sorted(BUILTIN_DEVICES))
-        raise DeviceLoadError(f"unknown device {spec!r}: use a built-in name ({known}) or package.module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DeviceLoadError(f"cannot import {module_name!r}: {exc}") from exc
+        raise DeviceLoadError(f"unknown device {spec!r}: use a built-in name ({known}), package.module:Class "
+                              f"or path/to/file.py:Class")
+    if module_name.endswith(".py") or os.sep in module_name:
+        module = _import_file(module_name)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:  # as ``python -m`` resolves a module
+            sys.path.insert(0, os.getcwd())
+        module = _import_module(module_name, class_name)
     cls = getattr(module, class_name, None)
+    if cls is None:
+        models = sorted(n for n, v in vars(module).items()
+                        if inspect.isclass(v) and issubclass(v, PciDevice) and v is not PciDevice)
+        there = f"; device classes there: {', '.join(models)}" if models else "; it defines no PciDevice subclass"
+        raise DeviceLoadError(f"{module_name} has no {class_name!r}{there}")
     if not (inspect.isclass(cls) and issubclass(cls, PciDevice)):
-        raise DeviceLoadError(f"{path!r} is not a PciDevice subclass")
+        raise DeviceLoadError(f"{path!r} is not a PciDevice subclass (a model subclasses "
+                              f"vfiouser.devices.pci.PciDevice)")
     return cls
 
 
-def _convert(name: str, text: str, annotation) -> object:
-    kind = annotation if isinstance(annotation, type) else None
-    if isinstance(annotation, str):  # postponed annotations
-        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(annotation.split("|")[0].strip())
-    if kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "on", "yes", "true"):
-            return True
-        if lowered in ("0", "off", "no", "false"):
-            return False
-        raise DeviceLoadError(f"parameter {name}: {text!r} is not on/off")
-    if kind is int:
-        try:
-            return int(text, 0)
-        except ValueError:
-            raise DeviceLoadError(f"parameter {name}: {text!r} is not an integer") from None
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise DeviceLoadError(f"parameter {name}: {text!r} is not a number") from None
-    return text
-
-
-def make_device(spec: str, params: dict[str, str] | None = None):
-    """Instantiate the device named by ``spec`` with string ``params`` converted to
-    the types its ``__init__`` annotates (bool accepts on/off/yes/no/true/false/1/0)."""
+def make_device(spec: str | type, params: dict[str, str] | None = None):
+    """Instantiate the device named by ``spec`` (see :func:`load_device_class`) with string
+    ``params`` converted to each parameter's type (:mod:`vfiouser.devices.params`: from its
+    annotation or its default; bool accepts on/off/yes/no/true/false/1/0). A model that
+    refuses its parameters (a :class:`DefinitionError`: a missing file, a description it
+    cannot serve) is a :class:`DeviceLoadError` with its message."""
     cls = load_device_class(spec)
-    params = dict(params or {})
-    sig = inspect.signature(cls.__init__)
-    accepted = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    name = spec if isinstance(spec, str) else cls.__qualname__
+    known = {p.name: p for p in parameters(cls)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
     kwargs = {}
-    for name, text in params.items():
-        key = name.replace("-", "_")
-        if key not in accepted and not takes_any:
-            choices = ", ".join(accepted) or "none"
-            raise DeviceLoadError(f"{spec} has no parameter {name!r} (parameters: {choices})")
-        annotation = accepted[key].annotation if key in accepted else str
-        kwargs[key] = _convert(name, text, annotation)
+    for key, text in (params or {}).items():
+        param = known.get(key.replace("-", "_"))
+        if param is None:
+            if not takes_any:
+                choices = ", ".join(known) or "none"
+                raise DeviceLoadError(f"{name} has no parameter {key!r} (its parameters: {choices}; "
+                                      f"`vfiouser devices {name}` describes them)")
+            param = Parameter(key.replace("-", "_"), str, inspect.Parameter.empty)
+        try:
+            kwargs[param.name] = convert(param, text)
+        except ParameterError as exc:
+            raise DeviceLoadError(str(exc)) from None
+    missing = [p.name for p in known.values() if p.required and p.name not in kwargs]
+    if missing:
+        raise DeviceLoadError(f"{name} needs " + ", ".join(f"--param {m}=VALUE" for m in missing))
     try:
         return cls(**kwargs)
-    except TypeError as exc:
-        raise DeviceLoadError(f"cannot create {spec}: {exc}") from exc
+    except DeviceLoadError:
+        raise
+    except DefinitionError as exc:  # what it names is wrong: its own message says what
+        raise DeviceLoadError(f"cannot create {name}: {exc}") from exc
+    except Exception as exc:
+        raise DeviceLoadError(f"cannot create {name} with {kwargs or 'no parameters'}: {type(exc).__name__}: "
+                              f"{exc}") from exc

@@ -10,34 +10,33 @@ Identity
     address, no per-vector masking. Config bytes 0x4e-0xff are writable
     scratch that survives reset, as QEMU's PCI core leaves them.
 
-BAR0: 1 MiB, 32-bit memory
+BAR0: 1 MiB, 32-bit memory (this table is ``EDU_REGS.markdown()``, checked by
+tests/test_regs_models.py)
     Accesses are 4 bytes at 0x00-0x7f and 4 or 8 bytes at 0x80 and above.
     Narrower or misaligned accesses read 0 and are ignored (QEMU rejects them
-    before edu sees them); 8-byte reads below 0x80 return all-ones; offsets
-    that are not registers read all-ones.
+    before edu sees them); 8-byte accesses below 0x80 read all-ones and are
+    ignored; a 4-byte access at a 64-bit register is its low half (a write
+    clears the upper half); offsets that are not registers read all-ones.
 
-    ======  =================  ===========================================================
-    offset  register           behaviour
-    ======  =================  ===========================================================
-    0x00    identification     reads 0x010000ed (major 1, minor 0, 0xed)
-    0x04    liveness check     reads the bitwise inverse of the last value written
-    0x08    factorial          write n: computes n! mod 2**32 in the background (status
-                               bit 0x01 set meanwhile; writes ignored while computing);
-                               read: the result (the input while computing)
-    0x20    status             bit 0x01 computing (read-only); bit 0x80: raise interrupt
-                               0x1 when a factorial completes (read-write)
-    0x24    interrupt status   bits raised and not yet acknowledged
-    0x60    raise interrupt    write: OR the value into the interrupt status and signal
-    0x64    acknowledge        write: clear those bits; INTx drops when none is left
-    0x80    DMA source         64-bit; a 4-byte write clears the upper half
-    0x88    DMA destination    64-bit, as 0x80
-    0x90    DMA count          64-bit, as 0x80
-    0x98    DMA command        bit 0x1 start, 0x2 direction (0: RAM to buffer, 1: buffer
-                               to RAM), 0x4 interrupt 0x100 on completion. A write without
-                               bit 0x1, or any write to 0x80-0x98 while a transfer runs,
-                               is ignored. Reads back the value written, bit 0x1 cleared
-                               when the transfer is done.
-    ======  =================  ===========================================================
+| offset | register | bits | access | reset | description |
+| --- | --- | --- | --- | --- | --- |
+| 0x00 | ident | 31:0 | RO | 0x10000ed | identification: major 1, minor 0, 0xed |
+| 0x04 | liveness | 31:0 | RW | 0x0 | reads the bitwise inverse of the last value written |
+| 0x08 | factorial | 31:0 | RW | 0x0 | write n: computes n! mod 2**32 in the background; read: the result (the input while computing); writes ignored while status.computing |
+| 0x20 | status | 31:0 | mixed | 0x0 | status |
+|  | .irq_fact | 7 | RW | 0x0 | raise interrupt 0x1 when a factorial completes |
+|  | .computing | 0 | RO | 0x0 | a factorial is being computed |
+| 0x24 | irq_status | 31:0 | RO | 0x0 | interrupts raised and not yet acknowledged |
+| 0x60 | irq_raise | 31:0 | W1S (WO) | 0x0 | OR the value into the interrupt status, and signal it; alias of irq_status |
+| 0x64 | irq_ack | 31:0 | W1C (WO) | 0x0 | clear those bits; INTx drops when none is left; alias of irq_status |
+| 0x80 | dma_src | 63:0 | RW | 0x0 | DMA source address; writes ignored while dma_cmd.run |
+| 0x88 | dma_dst | 63:0 | RW | 0x0 | DMA destination address; writes ignored while dma_cmd.run |
+| 0x90 | dma_cnt | 63:0 | RW | 0x0 | DMA byte count; writes ignored while dma_cmd.run |
+| 0x98 | dma_cmd | 63:0 | RW | 0x0 | DMA command; writes ignored while dma_cmd.run |
+|  | .other | 63:3 | RW | 0x0 | kept as written |
+|  | .irq | 2 | RW | 0x0 | raise interrupt 0x100 when the transfer is done |
+|  | .to_ram | 1 | RW | 0x0 | direction: 0 RAM to buffer, 1 buffer to RAM |
+|  | .run | 0 | RW | 0x0 | start a transfer (a write without it is ignored); cleared when it is done |
 
 Interrupts
     Raising ORs bits into the interrupt status; while it is non-zero the device
@@ -77,34 +76,59 @@ Differences a guest can time but not see
 from __future__ import annotations
 
 from vfiouser.devices.pci import INTA, DmaError, MemoryBar, PciDevice, ResetType
+from vfiouser.devices.regs import (
+    DECLINE,
+    EXTEND,
+    RO,
+    W1C,
+    W1S,
+    WO,
+    AccessPolicy,
+    Field,
+    Register,
+    RegisterMap,
+    before_write,
+    on_write,
+    when,
+)
 
-__all__ = ["Edu"]
+__all__ = ["Edu", "EDU_REGS"]
 
-# BAR0 register offsets.
-IDENT = 0x00
-LIVENESS = 0x04
-FACTORIAL = 0x08
-STATUS = 0x20
-IRQ_STATUS = 0x24
-IRQ_RAISE = 0x60
-IRQ_ACK = 0x64
-DMA_SRC = 0x80
-DMA_DST = 0x88
-DMA_CNT = 0x90
-DMA_CMD = 0x98
-
-IDENT_VALUE = 0x010000ED
-STATUS_COMPUTING = 0x01
-STATUS_IRQFACT = 0x80
-FACT_IRQ = 0x00000001
-DMA_IRQ = 0x00000100
-DMA_RUN = 0x1
-DMA_DIR_TO_RAM = 0x2
-DMA_IRQ_ON_DONE = 0x4
 DMA_START = 0x40000
 DMA_SIZE = 4096
+FACT_IRQ = 0x00000001
+DMA_IRQ = 0x00000100
 U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+#: 4 or 8 bytes, aligned; the bus rejects anything else (reads 0). A narrow access is the
+#: low half of a 64-bit register; an access wider than a 32-bit register misses it.
+EDU_POLICY = AccessPolicy(sizes=(4, 8), aligned=True, refused=0x00, unmapped=0xFF, narrow=EXTEND, wide=DECLINE)
+
+EDU_REGS = RegisterMap([
+    Register("ident", 0x00, 32, sw=RO, reset=0x010000ED, doc="identification: major 1, minor 0, 0xed"),
+    Register("liveness", 0x04, 32, doc="reads the bitwise inverse of the last value written"),
+    Register("factorial", 0x08, 32, frozen_while=when("status.computing"),
+             doc="write n: computes n! mod 2**32 in the background; read: the result (the input while computing)"),
+    Register("status", 0x20, 32, [
+        Field("computing", 0, sw=RO, doc="a factorial is being computed"),
+        Field("irq_fact", 7, doc="raise interrupt 0x1 when a factorial completes"),
+    ], doc="status"),
+    Register("irq_status", 0x24, 32, sw=RO, doc="interrupts raised and not yet acknowledged"),
+    Register("irq_raise", 0x60, 32, sw=WO, onwrite=W1S, alias_of="irq_status",
+             doc="OR the value into the interrupt status, and signal it"),
+    Register("irq_ack", 0x64, 32, sw=WO, onwrite=W1C, alias_of="irq_status",
+             doc="clear those bits; INTx drops when none is left"),
+    Register("dma_src", 0x80, 64, frozen_while=when("dma_cmd.run"), doc="DMA source address"),
+    Register("dma_dst", 0x88, 64, frozen_while=when("dma_cmd.run"), doc="DMA destination address"),
+    Register("dma_cnt", 0x90, 64, frozen_while=when("dma_cmd.run"), doc="DMA byte count"),
+    Register("dma_cmd", 0x98, 64, [
+        Field("run", 0, doc="start a transfer (a write without it is ignored); cleared when it is done"),
+        Field("to_ram", 1, doc="direction: 0 RAM to buffer, 1 buffer to RAM"),
+        Field("irq", 2, doc="raise interrupt 0x100 when the transfer is done"),
+        Field("other", (63, 3), doc="kept as written"),
+    ], frozen_while=when("dma_cmd.run"), doc="DMA command"),
+], name="edu", policy=EDU_POLICY)
 
 
 def factorial_u32(n: int) -> int:
@@ -135,7 +159,8 @@ class Edu(PciDevice):
         super().__init__()
         self.dma_mask = dma_mask
         self.dma_delay = dma_delay_ms / 1000
-        self.add_bar(0, MemoryBar(1 << 20)).map(self)
+        self.regs = EDU_REGS.instantiate(self)
+        self.add_bar(0, MemoryBar(1 << 20)).map(self.regs)
         self.add_msi(vectors=1, addr64=True, per_vector_mask=False)
         # QEMU's PCI core leaves device-specific config bytes writable, and reset does not touch them.
         scratch = 0x40 + self.msi.length
@@ -144,11 +169,7 @@ class Edu(PciDevice):
         self._power_on()
 
     def _power_on(self) -> None:
-        self.addr4 = 0
-        self.fact = 0
-        self.status = 0
-        self.irq_status = 0
-        self.dma_src = self.dma_dst = self.dma_cnt = self.dma_cmd = 0
+        self.regs.reset()
         self.buffer = bytearray(DMA_SIZE)
 
     def reset(self, kind: ResetType) -> None:
@@ -157,98 +178,55 @@ class Edu(PciDevice):
         if kind is ResetType.COLD:
             self._power_on()
 
-    # -- BAR0 ------------------------------------------------------------------------
+    # -- register behaviour ----------------------------------------------------------------
 
-    def read(self, base: int, offset: int, data) -> None:
-        size = len(data)
-        if size not in (4, 8) or offset % size:
-            data[:] = bytes(size)  # rejected before the device: reads 0
-            return
-        value = U64
-        if size == 4 or offset >= 0x80:
-            value = self._register(offset)
-        data[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    @on_write("liveness")
+    def _liveness(self, reg, value: int) -> None:
+        reg.value = ~value & U32
 
-    def _register(self, offset: int) -> int:
-        if offset == IDENT:
-            return IDENT_VALUE
-        if offset == LIVENESS:
-            return self.addr4
-        if offset == FACTORIAL:
-            return self.fact
-        if offset == STATUS:
-            return self.status
-        if offset == IRQ_STATUS:
-            return self.irq_status
-        if offset == DMA_SRC:
-            return self.dma_src
-        if offset == DMA_DST:
-            return self.dma_dst
-        if offset == DMA_CNT:
-            return self.dma_cnt
-        if offset == DMA_CMD:
-            return self.dma_cmd
-        return U64
+    @on_write("factorial")
+    def _start_factorial(self, reg, value: int) -> None:
+        self.regs.status.set("computing", 1)
+        self.defer(self._compute_factorial)
 
-    def write(self, base: int, offset: int, data) -> None:
-        size = len(data)
-        if size not in (4, 8) or offset % size or (offset < 0x80 and size != 4):
-            return
-        value = int.from_bytes(data, "little")
-        if offset == LIVENESS:
-            self.addr4 = ~value & U32
-        elif offset == FACTORIAL:
-            if not self.status & STATUS_COMPUTING:
-                self.fact = value
-                self.status |= STATUS_COMPUTING
-                self.defer(self._compute_factorial)
-        elif offset == STATUS:
-            if value & STATUS_IRQFACT:
-                self.status |= STATUS_IRQFACT
-            else:
-                self.status &= ~STATUS_IRQFACT
-        elif offset == IRQ_RAISE:
-            self._raise_irq(value)
-        elif offset == IRQ_ACK:
-            self._lower_irq(value)
-        elif offset in (DMA_SRC, DMA_DST, DMA_CNT, DMA_CMD):
-            if self.dma_cmd & DMA_RUN:
-                return  # a transfer is running: registers are frozen
-            if offset == DMA_SRC:
-                self.dma_src = value
-            elif offset == DMA_DST:
-                self.dma_dst = value
-            elif offset == DMA_CNT:
-                self.dma_cnt = value
-            elif value & DMA_RUN:
-                self.dma_cmd = value
-                self.defer(self._run_dma, delay=self.dma_delay)
-
-    # -- interrupts ------------------------------------------------------------------
-
-    def _raise_irq(self, value: int) -> None:
-        self.irq_status = (self.irq_status | value) & U32
-        if self.irq_status:
+    @on_write("irq_raise")
+    def _raised(self, reg, value: int) -> None:
+        if self.regs.irq_status.value:
             if self.msi_enabled():
                 self.fire_msi(0)
             else:
                 self.set_intx(True)
 
-    def _lower_irq(self, value: int) -> None:
-        self.irq_status &= ~value & U32
-        if not self.irq_status and not self.msi_enabled():
+    @on_write("irq_ack")
+    def _acknowledged(self, reg, value: int) -> None:
+        if not self.regs.irq_status.value and not self.msi_enabled():
             self.set_intx(False)
 
-    # -- background work (the device's worker thread) --------------------------------
+    @before_write("dma_cmd")
+    def _dma_command(self, reg, value: int) -> int | None:
+        return value if value & 1 else None  # only a write that starts a transfer counts
+
+    @on_write("dma_cmd")
+    def _start_dma(self, reg, value: int) -> None:
+        self.defer(self._run_dma, delay=self.dma_delay)
+
+    # -- interrupts ------------------------------------------------------------------------
+
+    def _raise_irq(self, value: int) -> None:
+        """What a write of ``value`` to irq_raise does (the engines raise this way too)."""
+        self.regs.irq_raise.sw_write(value, U32)
+
+    # -- background work (the device's worker thread) --------------------------------------
 
     def _compute_factorial(self) -> None:
         with self.lock:
-            n = self.fact
+            n = self.regs.factorial.value
         result = factorial_u32(n)
         with self.lock:
-            self.fact = result
-            self.status &= ~STATUS_COMPUTING
-            if self.status & STATUS_IRQFACT:
+            self.regs.factorial.value = result
+            status = self.regs.status
+            status.set("computing", 0)
+            if status.get("irq_fact"):
                 self._raise_irq(FACT_IRQ)
 
     @staticmethod
@@ -272,11 +250,13 @@ class Edu(PciDevice):
             self.log.debug("DMA write of %#x+%#x: %s; dropped", addr, len(data), exc)
 
     def _run_dma(self) -> None:
+        regs = self.regs
         with self.lock:
-            if not self.dma_cmd & DMA_RUN:
+            cmd = regs.dma_cmd
+            if not cmd.get("run"):
                 return
-            cmd, src, dst, count = self.dma_cmd, self.dma_src, self.dma_dst, self.dma_cnt
-            to_ram = bool(cmd & DMA_DIR_TO_RAM)
+            src, dst, count = regs.dma_src.value, regs.dma_dst.value, regs.dma_cnt.value
+            to_ram = bool(cmd.get("to_ram"))
             buffer_side = src if to_ram else dst
             ok = self._buffer_range_ok(buffer_side, count)
             if ok and to_ram:
@@ -293,6 +273,6 @@ class Edu(PciDevice):
                     self.buffer[dst - DMA_START : dst - DMA_START + count] = data
         finally:  # whatever happened, the transfer is over: never leave the engine busy
             with self.lock:
-                self.dma_cmd &= ~DMA_RUN
-                if self.dma_cmd & DMA_IRQ_ON_DONE:
+                regs.dma_cmd.set("run", 0)
+                if regs.dma_cmd.get("irq"):
                     self._raise_irq(DMA_IRQ)

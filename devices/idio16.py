@@ -11,20 +11,21 @@ BARs
     BAR2: 256-byte I/O BAR. The board decodes ports 0-7; the other 248 ports
     are unclaimed (reads return all-ones, writes are dropped).
 
-Registers (BAR2, 8 bits each)
+Registers (BAR2, 8 bits each; accesses of 1-4 bytes reach one port per byte; ports 3
+and 7 read 0. This table is ``IDIO16_REGS.markdown()``, checked by tests/test_regs_models.py)
 
-    ====== ========================================== ===========================
-    offset read                                       write
-    ====== ========================================== ===========================
-    0      outputs 0-7, as last written               outputs 0-7
-    1      inputs 0-7                                 clear interrupt (any value)
-    2      enable interrupt (side effect; reads 0)    disable interrupt (any value)
-    3      0                                          deactivate input filters
-    4      outputs 8-15, as last written              outputs 8-15
-    5      inputs 8-15                                ignored
-    6      interrupt status (below)                   ignored
-    7      0                                          ignored
-    ====== ========================================== ===========================
+| offset | register | bits | access | reset | description |
+| --- | --- | --- | --- | --- | --- |
+| 0x00 | out0_7 | 7:0 | RW | 0x0 | outputs 0-7, as last written |
+| 0x01 | in0_7 | 7:0 | RO | 0x0 | read: inputs 0-7; write (any value): clear the interrupt |
+| 0x02 | irq_ctl | 7:0 | reserved | 0x0 | read: enable the interrupt (reads 0); write (any value): disable it |
+| 0x03 | filter_ctl | 7:0 | WO | 0x0 | write (any value): deactivate the input filters |
+| 0x04 | out8_15 | 7:0 | RW | 0x0 | outputs 8-15, as last written |
+| 0x05 | in8_15 | 7:0 | RO | 0x0 | inputs 8-15 |
+| 0x06 | irq_status | 7:0 | RO | 0x0 | interrupt status |
+|  | .pending | 2 | RO | 0x0 | interrupt pending |
+|  | .group1 | 1 | RO | 0x0 | an input of 8-15 changed |
+|  | .group0 | 0 | RO | 0x0 | an input of 0-7 changed |
 
 Interrupt status (offset 6)
     bit 0: an input of 0-7 changed; bit 1: an input of 8-15 changed;
@@ -49,17 +50,9 @@ from __future__ import annotations
 
 from vfiouser.devices.errors import DeviceUsageError
 from vfiouser.devices.pci import INTA, IoBar, PciDevice
+from vfiouser.devices.regs import RO, RSVD, WO, Field, Register, RegisterMap, on_read, on_write
 
-__all__ = ["Idio16"]
-
-# Register offsets in BAR2.
-OUT0_7 = 0x0
-IN0_7 = 0x1  # write: clear interrupt
-IRQ_CTL = 0x2  # read: enable, write: disable
-FILTER_CTL = 0x3  # write: deactivate input filters
-OUT8_15 = 0x4
-IN8_15 = 0x5
-IRQ_STATUS = 0x6
+__all__ = ["Idio16", "IDIO16_REGS"]
 
 #: Ports the board decodes in BAR2.
 DECODED_PORTS = 8
@@ -67,6 +60,20 @@ DECODED_PORTS = 8
 STATUS_GROUP0 = 0x1
 STATUS_GROUP1 = 0x2
 STATUS_PENDING = 0x4
+
+IDIO16_REGS = RegisterMap([
+    Register("out0_7", 0, 8, doc="outputs 0-7, as last written"),
+    Register("in0_7", 1, 8, sw=RO, doc="read: inputs 0-7; write (any value): clear the interrupt"),
+    Register("irq_ctl", 2, 8, sw=RSVD, doc="read: enable the interrupt (reads 0); write (any value): disable it"),
+    Register("filter_ctl", 3, 8, sw=WO, doc="write (any value): deactivate the input filters"),
+    Register("out8_15", 4, 8, doc="outputs 8-15, as last written"),
+    Register("in8_15", 5, 8, sw=RO, doc="inputs 8-15"),
+    Register("irq_status", 6, 8, [
+        Field("group0", 0, sw=RO, doc="an input of 0-7 changed"),
+        Field("group1", 1, sw=RO, doc="an input of 8-15 changed"),
+        Field("pending", 2, sw=RO, doc="interrupt pending"),
+    ], doc="interrupt status"),
+], name="idio16", size=DECODED_PORTS)
 
 
 class Idio16(PciDevice):
@@ -80,21 +87,33 @@ class Idio16(PciDevice):
     def __init__(self, loopback: bool = False) -> None:
         super().__init__()
         self.loopback = bool(loopback)
+        self.regs = IDIO16_REGS.instantiate(self)
         self.bar2 = self.add_bar(2, IoBar(0x100))
-        self.bar2.map(self, 0, DECODED_PORTS)
+        self.bar2.map(self.regs, 0, DECODED_PORTS)
         self._external = 0  # input levels driven by the host
         self.reset()
 
     # -- reset -------------------------------------------------------------------
 
     def reset(self) -> None:
-        self.outputs = 0
+        self.regs.reset()
+        self._outputs_seen = 0
         self.irq_enabled = False
-        self.status = 0
         self.filters_active = True
         self._last_inputs = self.inputs
 
     # -- state -------------------------------------------------------------------
+
+    @property
+    def outputs(self) -> int:
+        """The 16 output lines (bit n = output n)."""
+        regs = self.regs
+        return regs.out8_15.value << 8 | regs.out0_7.value
+
+    @property
+    def status(self) -> int:
+        """The interrupt status register."""
+        return self.regs.irq_status.value
 
     @property
     def inputs(self) -> int:
@@ -118,65 +137,57 @@ class Idio16(PciDevice):
         changed = now ^ self._last_inputs
         self._last_inputs = now
         if changed and self.irq_enabled:
+            status = self.regs.irq_status
             if changed & 0x00FF:
-                self.status |= STATUS_GROUP0
+                status.set("group0", 1)
             if changed & 0xFF00:
-                self.status |= STATUS_GROUP1
-            self.status |= STATUS_PENDING
+                status.set("group1", 1)
+            status.set("pending", 1)
             self.log.debug("inputs changed (%#06x), interrupt pending", changed)
             self._update_irq()
 
     def _update_irq(self) -> None:
-        self.set_intx(self.irq_enabled and bool(self.status & STATUS_PENDING))
+        self.set_intx(self.irq_enabled and bool(self.regs.irq_status.get("pending")))
 
-    def _set_outputs(self, value: int) -> None:
-        if value != self.outputs:
-            self.log.info("outputs %#06x -> %#06x", self.outputs, value)
-        self.outputs = value
+    # -- register behaviour --------------------------------------------------------
+
+    @on_write("out0_7")
+    @on_write("out8_15")
+    def _outputs_written(self, reg, value) -> None:
+        now = self.outputs
+        if now != self._outputs_seen:
+            self.log.info("outputs %#06x -> %#06x", self._outputs_seen, now)
+        self._outputs_seen = now
         if self.loopback:
             self._inputs_changed()
 
-    # -- BAR2 --------------------------------------------------------------------
+    @on_read("in0_7")
+    def _inputs_low(self, reg) -> int:
+        return self.inputs & 0xFF
 
-    def pio_read(self, base: int, offset: int, data) -> None:
-        for i in range(len(data)):
-            data[i] = self._read_port(offset + i)
+    @on_read("in8_15")
+    def _inputs_high(self, reg) -> int:
+        return self.inputs >> 8
 
-    def pio_write(self, base: int, offset: int, data) -> None:
-        for i, value in enumerate(data):
-            self._write_port(offset + i, value)
+    @on_write("in0_7")
+    def _clear_interrupt(self, reg, value) -> None:
+        self.regs.irq_status.value = 0
+        self._update_irq()
 
-    def _read_port(self, port: int) -> int:
-        if port == OUT0_7:
-            return self.outputs & 0xFF
-        if port == IN0_7:
-            return self.inputs & 0xFF
-        if port == IRQ_CTL:
-            if not self.irq_enabled:
-                self.log.debug("interrupts enabled")
-            self.irq_enabled = True
-            self._update_irq()
-            return 0
-        if port == OUT8_15:
-            return self.outputs >> 8
-        if port == IN8_15:
-            return self.inputs >> 8
-        if port == IRQ_STATUS:
-            return self.status
-        return 0
+    @on_read("irq_ctl")
+    def _enable_interrupt(self, reg) -> None:
+        if not self.irq_enabled:
+            self.log.debug("interrupts enabled")
+        self.irq_enabled = True
+        self._update_irq()
 
-    def _write_port(self, port: int, value: int) -> None:
-        if port == OUT0_7:
-            self._set_outputs(self.outputs & 0xFF00 | value)
-        elif port == OUT8_15:
-            self._set_outputs(self.outputs & 0x00FF | value << 8)
-        elif port == IN0_7:
-            self.status = 0
-            self._update_irq()
-        elif port == IRQ_CTL:
-            if self.irq_enabled:
-                self.log.debug("interrupts disabled")
-            self.irq_enabled = False
-            self._update_irq()
-        elif port == FILTER_CTL:
-            self.filters_active = False
+    @on_write("irq_ctl")
+    def _disable_interrupt(self, reg, value) -> None:
+        if self.irq_enabled:
+            self.log.debug("interrupts disabled")
+        self.irq_enabled = False
+        self._update_irq()
+
+    @on_write("filter_ctl")
+    def _deactivate_filters(self, reg, value) -> None:
+        self.filters_active = False

@@ -18,6 +18,8 @@ sit between the two without either knowing::
         port.reset(ResetReason.CLIENT_REQUEST) -->  a warm reset (DEVICE_RESET, system_reset)
     port.routes_changed()                      -->  new interrupt routes: send what was held
     port.dma_allowed()                         -->  bus mastering on? (asked between DMA chunks)
+    port.describe_access(index, offset, size)  -->  register names, for logs and traces
+    port.activity.watch(watcher)               -->  deferred tasks and lock order (trace, replay)
     port.detach()                              -->  the client went away ...
     port.reset(ResetReason.CLIENT_LOST)        -->  ... so the next one meets a powered-on device
     sink.intx(level), sink.msi(v), sink.msix(v)<--  the model's interrupts
@@ -52,6 +54,8 @@ __all__ = [
     "RegionInfo",
     "RegionKind",
     "IrqCounts",
+    "ActivityWatcher",
+    "ModelActivity",
     "as_port",
 ]
 
@@ -188,6 +192,56 @@ class DmaBackend(abc.ABC):
         return None
 
 
+class ActivityWatcher:
+    """Told what a model does on its own, by :meth:`ModelActivity.watch` (a backend that logs,
+    records or replays a session). Every method is called on the thread concerned and must
+    return quickly; the defaults do nothing."""
+
+    def task_started(self, name: str) -> None:
+        """A deferred task named ``name`` starts (on the thread that runs it)."""
+
+    def task_finished(self, name: str, error: BaseException | None) -> None:
+        """The task ends (``error``: what it raised, if it did)."""
+
+    def lock_wanted(self) -> None:
+        """This thread is about to take the device lock (outermost); may block until it may."""
+
+    def lock_taken(self) -> None:
+        """This thread took the device lock (outermost)."""
+
+    def lock_released(self) -> None:
+        """This thread let the device lock go (outermost)."""
+
+
+class ModelActivity(abc.ABC):
+    """What a model does besides answering requests, for backends that record and replay
+    sessions: its deferred tasks, and the order in which threads take its lock (every request
+    holds it, and the model's own threads take it around the state they touch, so that order
+    is the order in which each saw the other's effects)."""
+
+    @abc.abstractmethod
+    def watch(self, watcher: ActivityWatcher | None, *, lock: bool = False) -> None:
+        """Tell ``watcher`` about tasks, and with ``lock`` about every outermost take and release
+        of the device lock; ``None`` stops. Set it while no request is being served."""
+
+    @abc.abstractmethod
+    def set_stepping(self, on: bool) -> None:
+        """While on, deferred tasks wait, whatever their delay, until :meth:`start_task` starts one."""
+
+    @abc.abstractmethod
+    def start_task(self, name: str | None = None) -> bool:
+        """Start the oldest waiting task (the oldest named ``name``); returns once it runs, False
+        if none waits."""
+
+    @abc.abstractmethod
+    def wait_tasks(self, timeout: float) -> bool:
+        """Wait until no task runs; True if none does."""
+
+    @abc.abstractmethod
+    def waiting_tasks(self) -> list[str]:
+        """The names of the tasks waiting to run, oldest first."""
+
+
 class DevicePort(abc.ABC):
     """A device model as a backend sees it: the whole contract (see the module docstring)."""
 
@@ -245,6 +299,20 @@ class DevicePort(abc.ABC):
     def describe(self) -> str:
         """A short name for logs."""
         return type(self).__name__
+
+    @property
+    def activity(self) -> ModelActivity | None:
+        """The model's own activity, for backends that record or replay sessions; None for a
+        model that has none to show (then a replay cannot place its background work)."""
+        return None
+
+    def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """The names of the registers (and fields) an access of ``size`` bytes at ``offset`` of
+        region ``index`` reaches, comma-separated, for logs and traces (``"status"``,
+        ``"MSI.control"``); ``""`` where the model names nothing. Never raises, never takes the
+        device lock (it runs while a message is logged, and must not change what the model sees).
+        Default: nothing is named."""
+        return ""
 
 
 def as_port(device) -> DevicePort:

@@ -5,26 +5,63 @@ Identity
     (serial controller, 16550-compatible), subsystem 1af4:1100, INTA. Linux's
     built-in 8250_pci driver binds to it and detects a 16550A.
 
-BAR0: 8-byte I/O BAR, one 16550A (byte registers; DLAB = LCR bit 7)
+BAR0: 8-byte I/O BAR, one 16550A: byte registers; offsets 0 and 1 are banked
+on LCR.DLAB (the divisor latch), and offset 2 reads IIR but writes FCR. This
+table is ``SERIAL_REGS.markdown()``, checked by tests/test_regs_models.py:
 
-    ======  ===========================  ===================================
-    offset  read                         write
-    ======  ===========================  ===================================
-    0       RBR: next received byte      THR: byte to send
-            (DLAB: divisor low)          (DLAB: divisor low)
-    1       IER: interrupt enables       IER (bits 0-3: RX data, THR empty,
-            (DLAB: divisor high)         line status, modem status)
-    2       IIR: highest pending         FCR: FIFO enable, clear RX/TX FIFO,
-            interrupt; bits 7-6 set      RX trigger level (1/4/8/14 bytes)
-            when FIFOs are on
-    3       LCR                          LCR (word length etc.; bit 7 DLAB)
-    4       MCR                          MCR: DTR, RTS, OUT1, OUT2, LOOP
-    5       LSR: data ready, overrun,    ignored
-            THR empty, transmitter empty
-    6       MSR: CTS, DSR, RI, DCD and   ignored
-            their change bits
-    7       SCR: scratch                 SCR
-    ======  ===========================  ===================================
+| offset | register | bits | access | reset | description |
+| --- | --- | --- | --- | --- | --- |
+| 0x00 | dll | 7:0 | RW | 0xc | divisor latch, low byte (115200 / divisor baud); when lcr.dlab == 1 |
+| 0x00 | rbr | 7:0 | RO | 0x0 | receiver buffer: the next received byte; when lcr.dlab == 0 |
+| 0x00 | thr | 7:0 | WO | 0x0 | transmitter holding register: the byte to send; when lcr.dlab == 0 |
+| 0x01 | dlm | 7:0 | RW | 0x0 | divisor latch, high byte; when lcr.dlab == 1 |
+| 0x01 | ier | 7:0 | RW | 0x0 | interrupt enables; when lcr.dlab == 0 |
+|  | .msi | 3 | RW | 0x0 | modem status |
+|  | .rlsi | 2 | RW | 0x0 | receiver line status |
+|  | .thri | 1 | RW | 0x0 | transmitter holding register empty |
+|  | .rdi | 0 | RW | 0x0 | received data available (and character timeout) |
+| 0x02 | fcr | 7:0 | WO | 0x0 | FIFO control |
+|  | .trigger | 7:6 | WO | 0x0 | receive trigger level: 1, 4, 8 or 14 bytes |
+|  | .dma | 3 | WO | 0x0 | DMA mode (no effect) |
+|  | .xfr | 2 | WCLR (WO) | 0x0 | 1: empty the transmit FIFO |
+|  | .rfr | 1 | WCLR (WO) | 0x0 | 1: empty the receive FIFO |
+|  | .fe | 0 | WO | 0x0 | FIFOs on (switching empties them) |
+| 0x02 | iir | 7:0 | RO | 0x1 | interrupt identification: the highest pending interrupt |
+|  | .fifos | 7:6 | RO | 0x0 | 3 while the FIFOs are on |
+|  | .id | 3:0 | RO | 0x1 | 1: none; 6 line status, 4 data, 0xc timeout, 2 THR empty, 0 modem |
+| 0x03 | lcr | 7:0 | RW | 0x0 | line control |
+|  | .dlab | 7 | RW | 0x0 | divisor latch access: offsets 0-1 are the divisor |
+|  | .brk | 6 | RW | 0x0 | break |
+|  | .stick | 5 | RW | 0x0 | stick parity |
+|  | .eps | 4 | RW | 0x0 | even parity |
+|  | .pen | 3 | RW | 0x0 | parity |
+|  | .stb | 2 | RW | 0x0 | two stop bits |
+|  | .wls | 1:0 | RW | 0x0 | word length - 5 |
+| 0x04 | mcr | 7:0 | RW | 0x8 | modem control |
+|  | .loop | 4 | RW | 0x0 | loopback: transmitted bytes come back, outputs drive the modem inputs |
+|  | .out2 | 3 | RW | 0x1 |  |
+|  | .out1 | 2 | RW | 0x0 |  |
+|  | .rts | 1 | RW | 0x0 |  |
+|  | .dtr | 0 | RW | 0x0 |  |
+| 0x05 | lsr | 7:0 | RO | 0x60 | line status |
+|  | .fifo_err | 7 | RO | 0x0 | error in the receive FIFO (never) |
+|  | .temt | 6 | RO | 0x1 | transmitter empty |
+|  | .thre | 5 | RO | 0x1 | THR empty |
+|  | .bi | 4 | RO, RC | 0x0 | break |
+|  | .fe | 3 | RO | 0x0 | framing error (never) |
+|  | .pe | 2 | RO | 0x0 | parity error (never) |
+|  | .oe | 1 | RO, RC | 0x0 | overrun |
+|  | .dr | 0 | RO | 0x0 | data ready |
+| 0x06 | msr | 7:0 | RO | 0xb0 | modem status; reading clears the change bits (in loopback: the modem outputs, nothing cleared) |
+|  | .dcd | 7 | RO | 0x1 |  |
+|  | .ri | 6 | RO | 0x0 |  |
+|  | .dsr | 5 | RO | 0x1 |  |
+|  | .cts | 4 | RO | 0x1 |  |
+|  | .ddcd | 3 | RO | 0x0 |  |
+|  | .teri | 2 | RO | 0x0 |  |
+|  | .ddsr | 1 | RO | 0x0 |  |
+|  | .dcts | 0 | RO | 0x0 |  |
+| 0x07 | scr | 7:0 | RW | 0x0 | scratch |
 
 Interrupts (INTx, level: asserted while IIR shows one, as QEMU does, OUT2
 not gating), by priority: line status (overrun, break), received data (FIFO at
@@ -58,20 +95,11 @@ from collections import deque
 
 from vfiouser.devices.errors import DefinitionError
 from vfiouser.devices.pci import INTA, IoBar, PciDevice
+from vfiouser.devices.regs import RCLR, RO, WCLR, WO, Field, Register, RegisterMap, after_read, before_write, \
+    on_read, on_write, when
 
-__all__ = ["PciSerial", "SerialBackendError"]
+__all__ = ["PciSerial", "SerialBackendError", "SERIAL_REGS"]
 
-# Register offsets.
-RBR = THR = DLL = 0
-IER = DLM = 1
-IIR = FCR = 2
-LCR = 3
-MCR = 4
-LSR = 5
-MSR = 6
-SCR = 7
-
-LCR_DLAB = 0x80
 IER_RDI, IER_THRI, IER_RLSI, IER_MSI = 0x01, 0x02, 0x04, 0x08
 IIR_NO_INT, IIR_MSI, IIR_THRI, IIR_RDI, IIR_RLSI, IIR_CTI = 0x01, 0x00, 0x02, 0x04, 0x06, 0x0C
 IIR_FIFO_ENABLED = 0xC0
@@ -91,12 +119,81 @@ HOST_BUFFER = 64 * 1024
 TX_QUEUE = 16 * 1024
 
 
+_DLAB0, _DLAB1 = when("lcr.dlab", 0), when("lcr.dlab", 1)
+
+SERIAL_REGS = RegisterMap([
+    Register("rbr", 0, 8, sw=RO, bank=_DLAB0, doc="receiver buffer: the next received byte"),
+    Register("thr", 0, 8, sw=WO, bank=_DLAB0, doc="transmitter holding register: the byte to send"),
+    Register("dll", 0, 8, bank=_DLAB1, reset=12, doc="divisor latch, low byte (115200 / divisor baud)"),
+    Register("ier", 1, 8, [
+        Field("rdi", 0, doc="received data available (and character timeout)"),
+        Field("thri", 1, doc="transmitter holding register empty"),
+        Field("rlsi", 2, doc="receiver line status"),
+        Field("msi", 3, doc="modem status"),
+    ], bank=_DLAB0, doc="interrupt enables"),
+    Register("dlm", 1, 8, bank=_DLAB1, doc="divisor latch, high byte"),
+    Register("iir", 2, 8, [
+        Field("id", (3, 0), sw=RO, reset=1, doc="1: none; 6 line status, 4 data, 0xc timeout, 2 THR empty, 0 modem"),
+        Field("fifos", (7, 6), sw=RO, doc="3 while the FIFOs are on"),
+    ], doc="interrupt identification: the highest pending interrupt"),
+    Register("fcr", 2, 8, [
+        Field("fe", 0, sw=WO, doc="FIFOs on (switching empties them)"),
+        Field("rfr", 1, sw=WO, onwrite=WCLR, doc="1: empty the receive FIFO"),
+        Field("xfr", 2, sw=WO, onwrite=WCLR, doc="1: empty the transmit FIFO"),
+        Field("dma", 3, sw=WO, doc="DMA mode (no effect)"),
+        Field("trigger", (7, 6), sw=WO, doc="receive trigger level: 1, 4, 8 or 14 bytes"),
+    ], doc="FIFO control"),
+    Register("lcr", 3, 8, [
+        Field("wls", (1, 0), doc="word length - 5"),
+        Field("stb", 2, doc="two stop bits"),
+        Field("pen", 3, doc="parity"),
+        Field("eps", 4, doc="even parity"),
+        Field("stick", 5, doc="stick parity"),
+        Field("brk", 6, doc="break"),
+        Field("dlab", 7, doc="divisor latch access: offsets 0-1 are the divisor"),
+    ], doc="line control"),
+    Register("mcr", 4, 8, [
+        Field("dtr", 0), Field("rts", 1), Field("out1", 2), Field("out2", 3, reset=1),
+        Field("loop", 4, doc="loopback: transmitted bytes come back, outputs drive the modem inputs"),
+    ], doc="modem control"),
+    Register("lsr", 5, 8, [
+        Field("dr", 0, sw=RO, doc="data ready"),
+        Field("oe", 1, sw=RO, onread=RCLR, doc="overrun"),
+        Field("pe", 2, sw=RO, doc="parity error (never)"),
+        Field("fe", 3, sw=RO, doc="framing error (never)"),
+        Field("bi", 4, sw=RO, onread=RCLR, doc="break"),
+        Field("thre", 5, sw=RO, reset=1, doc="THR empty"),
+        Field("temt", 6, sw=RO, reset=1, doc="transmitter empty"),
+        Field("fifo_err", 7, sw=RO, doc="error in the receive FIFO (never)"),
+    ], doc="line status"),
+    Register("msr", 6, 8, [
+        Field("dcts", 0, sw=RO), Field("ddsr", 1, sw=RO), Field("teri", 2, sw=RO), Field("ddcd", 3, sw=RO),
+        Field("cts", 4, sw=RO, reset=1), Field("dsr", 5, sw=RO, reset=1), Field("ri", 6, sw=RO),
+        Field("dcd", 7, sw=RO, reset=1),
+    ], doc="modem status; reading clears the change bits (in loopback: the modem outputs, nothing cleared)"),
+    Register("scr", 7, 8, doc="scratch"),
+], name="16550A")
+
+
+
+def _register_value(name: str, doc: str) -> property:
+    """A model attribute that is a register's storage (``self.lsr |= LSR_DR`` changes LSR)."""
+    def get(self) -> int:
+        return getattr(self.regs, name).value
+
+    def put(self, value: int) -> None:
+        getattr(self.regs, name).value = value
+
+    return property(get, put, doc=doc)
+
+
 class SerialBackendError(DefinitionError):
     """An unknown or unusable ``backend`` parameter."""
 
 
 class PciSerial(PciDevice):
-    """QEMU's pci-serial: one 16550A behind an 8-byte I/O BAR0 (see the module docstring)."""
+    """QEMU's pci-serial: one 16550A behind an 8-byte I/O BAR0 (see the module docstring).
+    ``backend``: where the UART's bytes go on the host (none, stdio or unix:PATH)."""
 
     vendor_id = 0x1B36
     device_id = 0x0002
@@ -108,7 +205,8 @@ class PciSerial(PciDevice):
 
     def __init__(self, backend: str = "none") -> None:
         super().__init__()
-        self.add_bar(0, IoBar(8)).map(self)
+        self.regs = SERIAL_REGS.instantiate(self)
+        self.add_bar(0, IoBar(8)).map(self.regs)
         self.rx_fifo: deque[int] = deque()
         self.tx_queue: deque[int] = deque()
         self._host_in: deque[int] = deque()
@@ -127,19 +225,25 @@ class PciSerial(PciDevice):
 
     # -- reset -------------------------------------------------------------------------
 
+    ier = _register_value("ier", "Interrupt enables.")
+    iir = _register_value("iir", "Interrupt identification.")
+    fcr = _register_value("fcr", "FIFO control, as last written.")
+    lcr = _register_value("lcr", "Line control.")
+    mcr = _register_value("mcr", "Modem control.")
+    lsr = _register_value("lsr", "Line status.")
+    msr = _register_value("msr", "Modem status.")
+
+    @property
+    def divider(self) -> int:
+        """The baud-rate divisor (DLM:DLL)."""
+        return self.regs.dlm.value << 8 | self.regs.dll.value
+
     def reset(self) -> None:
-        self.ier = 0
-        self.iir = IIR_NO_INT
-        self.lcr = 0
-        self.mcr = MCR_OUT2
-        self.lsr = LSR_TEMT | LSR_THRE
-        self.msr = MSR_DCD | MSR_DSR | MSR_CTS
-        self.scr = 0
-        self.fcr = 0
-        self.divider = 12
+        self.regs.reset()
         self.rx_trigger = 1
         self.thr_ipending = False
         self.timeout_ipending = False
+        self._loop = False
         self.rx_fifo.clear()
         self.tx_queue.clear()
         self._timeout_generation = 0
@@ -178,101 +282,84 @@ class PciSerial(PciDevice):
                 self.timeout_ipending = True
                 self._update_irq()
 
-    # -- BAR0 ------------------------------------------------------------------------------
+    # -- register behaviour --------------------------------------------------------------
 
-    def pio_read(self, base, offset, data) -> None:
-        for i in range(len(data)):
-            data[i] = self._read(offset + i)
+    @on_read("rbr")
+    def _receive_buffer(self, reg) -> int:
+        value = self.rx_fifo.popleft() if self.rx_fifo else 0
+        self.timeout_ipending = False
+        if not self.rx_fifo:
+            self.lsr &= ~(LSR_DR | LSR_BI)
+        self._refill_rx()  # the next host byte moves in (sets DR again)
+        if self.rx_fifo and self.fcr & FCR_FE:
+            self._arm_timeout()
+        self._update_irq()
+        return value
 
-    def pio_write(self, base, offset, data) -> None:
-        for i, value in enumerate(data):
-            self._write(offset + i, value)
+    @on_write("thr")
+    def _send(self, reg, value: int) -> None:
+        self.thr_ipending = False
+        self.lsr &= ~(LSR_THRE | LSR_TEMT)
+        self._transmit(value)
 
-    def _read(self, reg: int) -> int:
-        if reg == RBR:
-            if self.lcr & LCR_DLAB:
-                return self.divider & 0xFF
-            value = self.rx_fifo.popleft() if self.rx_fifo else 0
-            self.timeout_ipending = False
-            if not self.rx_fifo:
-                self.lsr &= ~(LSR_DR | LSR_BI)
-            self._refill_rx()  # the next host byte moves in (sets DR again)
-            if self.rx_fifo and self.fcr & FCR_FE:
-                self._arm_timeout()
-            self._update_irq()
-            return value
-        if reg == IER:
-            return (self.divider >> 8) & 0xFF if self.lcr & LCR_DLAB else self.ier
-        if reg == IIR:
-            value = self.iir
-            if value & 0x0F == IIR_THRI:
-                self.thr_ipending = False
-                self._update_irq()
-            return value
-        if reg == LCR:
-            return self.lcr
-        if reg == MCR:
-            return self.mcr
-        if reg == LSR:
-            value = self.lsr
-            if self.lsr & (LSR_BI | LSR_OE):
-                self.lsr &= ~(LSR_BI | LSR_OE)
-                self._update_irq()
-            return value
-        if reg == MSR:
-            if self.mcr & MCR_LOOP:  # outputs wired back: OUT2->DCD, OUT1->RI, RTS->CTS, DTR->DSR
-                return (self.mcr & 0x0C) << 4 | (self.mcr & MCR_RTS) << 3 | (self.mcr & MCR_DTR) << 5
-            value = self.msr
-            if self.msr & MSR_ANY_DELTA:
-                self.msr &= 0xF0
-                self._update_irq()
-            return value
-        return self.scr  # SCR
+    @on_write("ier")
+    def _enables_written(self, reg, value: int) -> None:
+        if self.lsr & LSR_THRE:
+            self.thr_ipending = True
+        self._update_irq()
 
-    def _write(self, reg: int, value: int) -> None:
-        if reg == THR:
-            if self.lcr & LCR_DLAB:
-                self.divider = self.divider & 0xFF00 | value
-                return
+    @after_read("iir")
+    def _identification_read(self, reg, value: int) -> None:
+        if value & 0x0F == IIR_THRI:  # reading IIR acknowledges a THR-empty interrupt
             self.thr_ipending = False
-            self.lsr &= ~(LSR_THRE | LSR_TEMT)
-            self._transmit(value)
-        elif reg == IER:
-            if self.lcr & LCR_DLAB:
-                self.divider = self.divider & 0x00FF | value << 8
-                return
-            self.ier = value & 0x0F
-            if self.lsr & LSR_THRE:
-                self.thr_ipending = True
             self._update_irq()
-        elif reg == FCR:
-            if value == self.fcr:
-                return
-            if (value ^ self.fcr) & FCR_FE:
-                value |= FCR_XFR | FCR_RFR  # switching FIFOs on or off empties them
-            self.fcr = value & 0xC9
-            if value & FCR_FE:
-                self.iir |= IIR_FIFO_ENABLED
-                self.rx_trigger = TRIGGER_LEVELS[value & 0xC0]
-            else:
-                self.iir &= ~IIR_FIFO_ENABLED
-            if value & FCR_RFR:
-                self.rx_fifo.clear()
-                self.timeout_ipending = False
-                self.lsr &= ~(LSR_DR | LSR_BI)
-                self._refill_rx()  # with the new FIFO setting
-            # FCR_XFR: bytes already handed to the host are gone; nothing waits in THR.
+
+    @before_write("fcr")
+    def _fifo_control(self, reg, value: int) -> int | None:
+        if value == reg.value:
+            return None
+        if (value ^ reg.value) & FCR_FE:
+            value |= FCR_XFR | FCR_RFR  # switching FIFOs on or off empties them
+        return value
+
+    @on_write("fcr")
+    def _fifo_control_written(self, reg, value: int) -> None:
+        if value & FCR_FE:
+            self.iir |= IIR_FIFO_ENABLED
+            self.rx_trigger = TRIGGER_LEVELS[value & 0xC0]
+        else:
+            self.iir &= ~IIR_FIFO_ENABLED
+        if value & FCR_RFR:
+            self.rx_fifo.clear()
+            self.timeout_ipending = False
+            self.lsr &= ~(LSR_DR | LSR_BI)
+            self._refill_rx()  # with the new FIFO setting
+        # FCR_XFR: bytes already handed to the host are gone; nothing waits in THR.
+        self._update_irq()
+
+    @on_write("mcr")
+    def _modem_control(self, reg, value: int) -> None:
+        was_loop, self._loop = self._loop, bool(self.mcr & MCR_LOOP)
+        if was_loop and not self._loop:
+            self._refill_rx()
             self._update_irq()
-        elif reg == LCR:
-            self.lcr = value
-        elif reg == MCR:
-            was_loop = self.mcr & MCR_LOOP
-            self.mcr = value & 0x1F
-            if was_loop and not self.mcr & MCR_LOOP:
-                self._refill_rx()
-                self._update_irq()
-        elif reg == SCR:
-            self.scr = value
+
+    @after_read("lsr")
+    def _line_status_read(self, reg, value: int) -> None:
+        if value & (LSR_BI | LSR_OE):  # cleared by the read (clear-on-read fields)
+            self._update_irq()
+
+    @on_read("msr")
+    def _modem_status(self, reg) -> int | None:
+        if self.mcr & MCR_LOOP:  # outputs wired back: OUT2->DCD, OUT1->RI, RTS->CTS, DTR->DSR
+            return (self.mcr & 0x0C) << 4 | (self.mcr & MCR_RTS) << 3 | (self.mcr & MCR_DTR) << 5
+        return None
+
+    @after_read("msr")
+    def _modem_status_read(self, reg, value: int) -> None:
+        if not self.mcr & MCR_LOOP and self.msr & MSR_ANY_DELTA:
+            self.msr &= 0xF0
+            self._update_irq()
 
     # -- transmit --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import time
 from vfiouser.devices.idio16 import Idio16
 from vfiouser.devices.serial import PciSerial
 from vfiouser.devices.virtio import VirtioRng
-from vfiouser.guest import Guest, GuestAssets, default_accel
+from vfiouser.testing.guest import Guest, GuestAssets, default_accel
 from vfiouser.server import serve_in_thread
 
 COLOR = sys.stdout.isatty()

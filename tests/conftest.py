@@ -1,4 +1,9 @@
-"""Shared fixtures: temporary socket paths, a served device, QEMU, fd-leak checks."""
+"""Shared fixtures: temporary socket paths, a served device, QEMU, fd-leak checks.
+
+The fixtures a device author uses (``vfiouser_device``, ``qemu_qtest``, ``linux_guest``)
+come from the plugin that vfiouser installs (vfiouser/testing/plugin.py); the tests use
+them wherever they fit, so the plugin is exercised on every run. What is here is the
+test-suite's own plumbing."""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import pytest
 from vfiouser.devices.pci.dma import NO_BACKEND
 from vfiouser.devices.pci.firmware import bring_up
 from vfiouser.devices.port import InterruptSink
-from vfiouser.qemu import QemuNotFound, find_qemu
 from vfiouser.server import serve_in_thread
+from vfiouser.testing.plugin import real_parts_required, require_guest_assets, require_qemu
 
 
 def open_fds() -> set[int]:
@@ -37,11 +42,6 @@ def fired(fd: int, timeout: float = 1.0) -> int:
             time.sleep(0.005)
 
 
-def real_parts_required() -> bool:
-    """Under scripts/test and in CI a missing QEMU, guest or guest tool fails the run."""
-    return os.environ.get("VFIOUSER_REQUIRE_QEMU") == "1" or bool(os.environ.get("CI"))
-
-
 @pytest.fixture
 def sockdir():
     """A short-pathed private directory for UNIX sockets (sun_path is 108 bytes)."""
@@ -49,9 +49,34 @@ def sockdir():
         yield d
 
 
+#: The protocol engines the built-in devices are tested on (vfiouser.backends).
+BACKENDS = ("vfiouser", "libvfio-user")
+
+
+@pytest.fixture(scope="session")
+def libvfio_user_library() -> str:
+    """The path of libvfio-user.so.0 (scripts/get-libvfio-user). Missing fails the run in CI."""
+    from vfiouser.libvfio_user import LibraryNotFound, find_library
+
+    try:
+        return find_library()
+    except LibraryNotFound as exc:
+        if real_parts_required():
+            pytest.fail(f"libvfio-user backend tests required but {exc}", pytrace=False)
+        pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each protocol engine in turn: tests that take it run once per backend."""
+    if request.param == "libvfio-user":
+        request.getfixturevalue("libvfio_user_library")
+    return request.param
+
+
 @pytest.fixture
 def serve(sockdir):
-    """``serve(device)`` serves a model on a background thread; yields the server."""
+    """``serve(device, backend=...)`` serves a model on a background thread; yields the server."""
     stack = []
 
     def start(device, name="dev.sock", **kwargs):
@@ -82,54 +107,19 @@ def no_fd_leak():
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
     """The QEMU to test against. Missing QEMU fails the run in CI and under scripts/test."""
-    try:
-        return find_qemu()
-    except QemuNotFound as exc:
-        if real_parts_required():
-            pytest.fail(f"real-QEMU tests required but {exc}", pytrace=False)
-        pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
+    return require_qemu()
+
+
+@pytest.fixture
+def guest(linux_guest):
+    """The plugin's ``linux_guest`` under the name tests used before the plugin existed."""
+    return linux_guest
 
 
 @pytest.fixture(scope="session")
 def guest_assets():
     """The guest kernel and busybox (scripts/get-guest). Missing assets fail the run in CI."""
-    from vfiouser.guest import GuestAssets, GuestAssetsMissing
-
-    try:
-        return GuestAssets.find()
-    except GuestAssetsMissing as exc:
-        if real_parts_required():
-            pytest.fail(f"guest tests required but {exc}", pytrace=False)
-        pytest.skip(f"{exc} (set VFIOUSER_REQUIRE_QEMU=1 to make this an error)")
-
-
-@pytest.fixture
-def guest(guest_assets, qemu_binary, request):
-    """``guest(script, devices=[...], modules=[...], **kwargs)`` boots a Linux guest; its console
-    is attached to the test report if the test fails."""
-    from vfiouser.guest import Guest
-
-    started = []
-
-    def boot(script, **kwargs):
-        g = Guest(guest_assets, script, qemu=qemu_binary, **kwargs)
-        started.append(g)
-        return g
-
-    request.node._vfiouser_guests = started
-    yield boot
-    for g in started:
-        g.close()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    guests = getattr(item, "_vfiouser_guests", None)
-    if report.failed and guests:
-        for i, g in enumerate(guests):
-            report.sections.append((f"guest {i} console", g.console or "(nothing printed)"))
+    return require_guest_assets()
 
 
 class RecordingSink(InterruptSink):

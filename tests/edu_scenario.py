@@ -1,6 +1,6 @@
 """One qtest script, run against QEMU's own ``edu`` and against the Python ``Edu`` over vfio-user.
 
-:func:`run` drives a :class:`~vfiouser.qemu.QtestMachine` whose slot 4 holds an
+:func:`run` drives a :class:`~vfiouser.testing.qemu.QtestMachine` whose slot 4 holds an
 edu (either kind) and returns a *transcript*: a list of ``(step, observation)``
 pairs. Two transcripts are equal when a guest could not tell the devices apart.
 

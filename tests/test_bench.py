@@ -12,17 +12,20 @@ import time
 
 import pytest
 
-from vfiouser.bench import SECTIONS, _parser, main, versus_c
-from vfiouser.bench.device import BURST_BYTES, STALL_MS, BenchDevice
+from vfiouser.bench import SECTIONS, _parser, dmabw, main, versus_c
+from vfiouser.bench.device import BURST_BYTES, REGS_STATUS, STALL_MS, BenchDevice
 from vfiouser.bench.minimal import serve_connection
-from vfiouser.bench.report import TARGET_CPU_VS_LOOP, TARGET_TRAPPED_VS_C, render_markdown, targets, versus_c_targets
+from vfiouser.bench.report import (TARGET_CPU_VS_LOOP, TARGET_TRAPPED_VS_C, dma_series, reference_rows,
+                                   render_markdown, targets, versus_c_series, versus_c_targets)
 from vfiouser.bench.wire import _recv_exact, server_processing
 from vfiouser.client import Client
 from vfiouser.errors import ErrorReply
 from vfiouser.protocol import HEADER
 
 PROCESSING_KEYS = {"region_read_4", "region_write_4", "region_write_4_posted", "config_read_4",
-                   "write_multi_200_per_write", "model_region_read_4", "on_readable_read_4_batch256"}
+                   "write_multi_200_per_write", "model_region_read_4", "on_readable_read_4_batch256",
+                   "regs_region_read_4", "regs_region_write_4", "regs_region_write_4_posted",
+                   "regs_region_write_4_w1c", "regs_model_region_read_4"}
 
 
 def test_server_processing_measures_every_message_kind():
@@ -40,6 +43,12 @@ def test_bench_device_registers_and_counters(serve):
         assert c.region_read(0, 0x10, 4) == b"\x01\x02\x03\x04"
         c.region_write(1, 0x10, b"\x55")
         assert c.region_read(1, 0x10, 1) == b"\x55"
+        c.region_write(4, 0x10, b"\x05\x06\x07\x08")  # BAR4: the register layer's register file
+        assert c.region_read(4, 0x10, 4) == b"\x05\x06\x07\x08"
+        c.region_write(4, REGS_STATUS, b"\x00\x02")  # mode 2
+        dev.block.reg("status").set("events", 0b11)
+        c.region_write(4, REGS_STATUS, b"\x01\x02")  # write 1 to clear event 0
+        assert c.region_read(4, REGS_STATUS, 2) == b"\x02\x02"
         c.region_write(0, STALL_MS, (0).to_bytes(4, "little"))
         c.region_write(3, 0x100, b"\xaa" * 8, posted=True)
         assert int.from_bytes(c.region_read(0, BURST_BYTES, 8), "little") == 8
@@ -180,6 +189,10 @@ def test_find_sample_says_why_it_has_none(tmp_path):
         versus_c.find_sample(str(tmp_path), {})
     script.write_text(f"#!/bin/sh\necho {lib}\n")
     assert versus_c.find_sample(str(tmp_path), {}) == str(sample)
+    assert versus_c.find_built_library(str(tmp_path), {}) == str(lib)  # what `--backend libvfio-user` gets
+    assert versus_c.sample_next_to(str(lib)) == str(sample)
+    with pytest.raises(versus_c.SampleUnavailable, match="no libvfio-user library at .*gone.so"):
+        versus_c.find_built_library(str(tmp_path), {"VFIOUSER_LIBVFIO_USER": str(tmp_path / "gone.so")})
 
 
 def test_ping_pong_and_pipelined_against_server_processes(sockdir):
@@ -195,6 +208,42 @@ def test_ping_pong_and_pipelined_against_server_processes(sockdir):
         assert pp["n"] == pp["messages"] >= 300 and pp["median"] > 0 and pp["cpu_ticks"] >= 0
         assert pl["messages"] >= 300 and pl["messages"] % 64 == 0 and pl["rate"] > 0
         assert not os.path.exists(server.path)
+
+
+def test_ping_pong_and_pipelined_through_libvfio_user(libvfio_user_library, sockdir):
+    """Our idio16 served by `vfiouser serve --backend libvfio-user`, given the library through
+    $VFIOUSER_LIBVFIO_USER in its environment."""
+    budget = versus_c.CpuBudget(min_messages=300, min_ticks=0, max_s=0.0)
+    server = versus_c.ServerProcess.start("lvu", sockdir, library=libvfio_user_library)
+    try:
+        assert server.argv[-2:] == ["--backend", "libvfio-user"]
+        pp = versus_c.ping_pong(server, budget, warmup=10, chunk=100)  # checks every reply's shape
+        pl = versus_c.pipelined(server, budget, batch=64, chunk=2)
+        log = server.output()
+    finally:
+        server.close()
+    assert "through libvfio-user" in log and libvfio_user_library in log  # the library it was given
+    assert pp["n"] == pp["messages"] >= 300 and pp["median"] > 0
+    assert pl["messages"] >= 300 and pl["messages"] % 64 == 0 and pl["rate"] > 0
+
+
+def test_a_libvfio_user_server_that_cannot_start_is_reported_missing(sockdir):
+    gone = os.path.join(sockdir, "no-such-libvfio-user.so.0")
+    servers = versus_c._Servers(["ours", "lvu"], None, gone)
+    try:
+        assert list(servers.servers) == ["ours"]
+        assert set(servers.missing) == {"lvu"}
+        assert servers.missing["lvu"].startswith("our idio16 through libvfio-user did not start: ")
+        assert "exited with status 1" in servers.missing["lvu"] and gone in servers.missing["lvu"]
+    finally:
+        servers.close()
+    with pytest.raises(versus_c.SampleUnavailable):
+        versus_c.ServerProcess.start("lvu", sockdir)  # no library: nothing to start
+    quiet = versus_c._Servers(["loop", "lvu", "c"], None, None)  # the section says why, once
+    try:
+        assert list(quiet.servers) == ["loop"] and quiet.missing == {}
+    finally:
+        quiet.close()
 
 
 @pytest.mark.qemu
@@ -222,14 +271,106 @@ def test_trapped_rig_measures_every_case_on_every_server(qemu_binary, monkeypatc
         assert all(row[k]["n"] == 20 for k in ("floor", *keys))
 
 
+@pytest.mark.qemu
+def test_trapped_rig_with_the_libvfio_user_backend_and_the_c_sample(qemu_binary, libvfio_user_library, monkeypatch):
+    """Ours through libvfio-user and the C sample built with the same library, in one QEMU."""
+    monkeypatch.setenv("QEMU", qemu_binary)
+    sample = versus_c.sample_next_to(libvfio_user_library)
+    servers = versus_c._Servers(["ours", "lvu", "c"], sample, libvfio_user_library)
+    try:
+        assert list(servers.servers) == ["ours", "lvu", "c"], servers.missing
+        rig = versus_c._trapped_rig(servers)  # checks that each answers through BAR2
+        try:
+            assert rig.keys == ["floor", "ours", "lvu", "c"] and servers.missing == {}
+            rows = versus_c.trapped(rig, iterations=10, rounds=2, warmup=2)
+        finally:
+            rig.close()
+    finally:
+        servers.close()
+    assert len(rows) == len(versus_c.CASES)
+    assert all(row[k]["n"] == 10 for row in rows for k in ("floor", "ours", "lvu", "c"))
+
+
+@pytest.mark.qemu
+def test_trapped_rig_leaves_out_a_server_qemu_cannot_use(qemu_binary, monkeypatch):
+    """In the C sample's slot, a server QEMU cannot realize a device from (the minimal loop
+    answers DEVICE_GET_INFO with ENOSYS): measured without it, and the reason kept."""
+    monkeypatch.setenv("QEMU", qemu_binary)
+    servers = versus_c._Servers(["ours"], None)
+    try:
+        servers.servers["c"] = versus_c.ServerProcess.start("loop", servers.dir)
+        rig = versus_c._trapped_rig(servers)
+        try:
+            assert rig.keys == ["floor", "ours"]
+        finally:
+            rig.close()
+        assert list(servers.servers) == ["ours"]
+        assert servers.missing["c"].startswith("QEMU could not use the C sample: ")
+    finally:
+        servers.close()
+
+
+# -- DMA bandwidth on both engines -----------------------------------------------------------
+
+
+def test_dma_says_why_libvfio_user_is_not_measured(monkeypatch, tmp_path):
+    monkeypatch.setenv("VFIOUSER_LIBVFIO_USER_ERROR", "scripts/get-libvfio-user failed")
+    with pytest.raises(dmabw.LibraryUnavailable, match="scripts/get-libvfio-user failed"):
+        dmabw.libvfio_user_library()
+    monkeypatch.delenv("VFIOUSER_LIBVFIO_USER_ERROR")
+    monkeypatch.setenv("VFIOUSER_LIBVFIO_USER", str(tmp_path / "gone.so.0"))
+    with pytest.raises(dmabw.LibraryUnavailable, match="gone.so.0.*not a file"):
+        dmabw.libvfio_user_library()
+    lib = tmp_path / "libvfio-user.so.0"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("VFIOUSER_LIBVFIO_USER", str(lib))
+    assert dmabw.libvfio_user_library() == str(lib)
+    assert "does no DMA" in dmabw.C_REFERENCE
+
+
+def _check_dma_rows(rows, sizes):
+    assert [r["size"] for r in rows] == list(sizes)
+    assert all(r["read_MBps"] > 0 and r["write_MBps"] > 0 and r["read"]["n"] >= 1 for r in rows)
+
+
+@pytest.mark.qemu
+def test_dma_section_measures_both_engines(qemu_binary, libvfio_user_library, monkeypatch):
+    """Each engine moves the right bytes in both modes, in place exactly with shared guest RAM
+    (dmabw checks both and raises otherwise)."""
+    monkeypatch.setenv("QEMU", qemu_binary)
+    monkeypatch.setenv("VFIOUSER_LIBVFIO_USER", libvfio_user_library)
+    sizes = (4096, 64 << 10)
+    result = dmabw.run(sizes=sizes, min_reps=1, min_seconds=0.0)
+    assert result["c_reference"] == dmabw.C_REFERENCE
+    lvu = result["libvfio-user"]
+    assert lvu.get("library") == libvfio_user_library and "error" not in lvu, lvu
+    for mode, _ in dmabw.MODES:
+        _check_dma_rows(result[mode], sizes)
+        _check_dma_rows(lvu[mode], sizes)
+
+
+@pytest.mark.qemu
+def test_dma_section_measures_ours_without_libvfio_user(qemu_binary, monkeypatch):
+    monkeypatch.setenv("QEMU", qemu_binary)
+    monkeypatch.setenv("VFIOUSER_LIBVFIO_USER_ERROR", "no compiler here")
+    result = dmabw.run(sizes=(4096,), min_reps=1, min_seconds=0.0)
+    assert result["libvfio-user"] == {"unavailable": "no compiler here"}
+    for mode, _ in dmabw.MODES:
+        _check_dma_rows(result[mode], (4096,))
+
+
 def _summary(median: float) -> dict:
     return {"n": 100, "median": median, "p90": median * 1.2, "mean": median, "min": median / 2, "p10": median * 0.9}
 
 
-def _fake_versus_c(*, with_c: bool = True) -> dict:
+def _fake_versus_c(*, with_c: bool = True, with_lvu: bool = True) -> dict:
+    lvu_of = {70.0: 80.0, 72.0: 90.0, 40.0: 45.0}  # ours -> ours through libvfio-user
+
     def row(op, size, offset, ours, c, poll):
         r = {"op": op, "size": size, "offset": offset, "floor": _summary(14.0), "ours": _summary(ours),
              "poll": _summary(poll)}
+        if with_lvu:
+            r["lvu"] = _summary(lvu_of[ours])
         if with_c:
             r["c"] = _summary(c)
         return r
@@ -246,6 +387,8 @@ def _fake_versus_c(*, with_c: bool = True) -> dict:
         {"label": "server on the harness CPU", "rows": [row("read", 1, 1, 40.0, 30.0, 38.0)]},
     ]
     servers = {"ours": wire_entry(50.0, 13.0, 400_000, 2.0), "loop": wire_entry(45.0, 10.0, 900_000, 0.9)}
+    if with_lvu:
+        servers["lvu"] = wire_entry(60.0, 20.0, 20_000, 40.0)
     if with_c:
         servers["c"] = wire_entry(48.0, 6.0, 200_000, 4.0)
     return {
@@ -254,6 +397,8 @@ def _fake_versus_c(*, with_c: bool = True) -> dict:
                    "pipelined": {"min_messages": 100000, "min_ticks": 100, "max_s": 2.0}},
         "sample": {"path": "/x/samples/gpio-pci-idio-16"} if with_c else
                   {"path": None, "unavailable": "scripts/get-libvfio-user failed (exit status 1): no meson"},
+        "library": {"path": "/x/lib/libvfio-user.so.0"} if with_lvu else
+                   {"path": None, "unavailable": "scripts/get-libvfio-user failed (exit status 1): no meson"},
         "trapped": {"passes": trapped_passes, "missing": {}},
         "wire": {"passes": [{"label": "server on its own CPU", "servers": servers}], "missing": {}},
     }
@@ -277,6 +422,100 @@ def test_report_renders_the_versus_c_section(quick_protocol_run):
                    "Side by side with C (section 7): 3 of 5 targets hold"):
         assert needle in text, needle
     assert text.count("**yes**") >= 3 and "**no**" in text
+
+
+def test_report_compares_ours_through_libvfio_user_with_c(quick_protocol_run):
+    results = dict(quick_protocol_run[0])
+    vc = results["versus-c"] = _fake_versus_c()
+    text = render_markdown(results)
+    for needle in (
+        "libvfio-user (for `--backend libvfio-user`): `/x/lib/libvfio-user.so.0`.",
+        # trapped: ours (70 µs: 5.00× floor, 1.08× C), then ours through libvfio-user (80 µs)
+        "| 70.0 (p90 84.0) | 5.00× | 1.08× | 80.0 (p90 96.0) | 5.71× | 1.23× | 36.0 (p90 43.2) |",
+        "| ours through libvfio-user µs | × floor | × C |",
+        # wire: ratios to C and to the loop of every figure
+        "| server on its own CPU | ours through libvfio-user | 60.0 (p90 72.0) | 1.25× | 1.33× | 20.0 | 3.33× "
+        "| 2.00× |",
+        "| server on its own CPU | ours through libvfio-user | 20,000 | 0.10× | 0.02× | 40.0 | 10.00× | 44.44× |",
+        # the reference table
+        "### Against the C reference",
+        "| server on its own CPU | trapped I/O read 1 B, µs | 65.0 | 70.0 | 1.08× | 80.0 | 1.23× |",
+        "| server on the harness CPU | trapped I/O read 1 B, µs | 30.0 | 40.0 | 1.33× | 45.0 | 1.50× |",
+        "| server on its own CPU | pipelined, REGION_READ/s | 200,000 | 400,000 | 2.00× | 20,000 | 0.10× |",
+        "| server on its own CPU | ping-pong, server CPU µs per message | 6.00 | 13.0 | 2.17× | 20.0 | 3.33× |",
+    ):
+        assert needle in text, needle
+    # the targets checklist is the same with the new server
+    assert "Side by side with C (section 7): 3 of 5 targets hold" in text
+    rows = reference_rows(vc)
+    assert len(rows) == 3 + 4  # 2 + 1 trapped cases, 4 wire figures
+    own = rows[0]
+    assert (own["c"], own["ours"], own["lvu"]) == (65.0, 70.0, 80.0)
+    assert own["ours_x_c"] == pytest.approx(70 / 65) and own["lvu_x_c"] == pytest.approx(80 / 65)
+    labels, series = versus_c_series(results)
+    assert labels == ["server on\nits own CPU", "server on\nthe harness CPU"]
+    assert [(e["key"], e["values"]) for e in series] == [
+        ("floor", [14.0, 14.0]), ("c", [65.0, 30.0]), ("ours", [70.0, 40.0]), ("lvu", [80.0, 45.0]),
+        ("poll", [36.0, 38.0])]
+
+
+def test_report_says_when_libvfio_user_is_missing(quick_protocol_run):
+    results = dict(quick_protocol_run[0])
+    vc = results["versus-c"] = _fake_versus_c(with_c=False, with_lvu=False)
+    text = render_markdown(results)
+    assert ("**libvfio-user is not available, so nothing through it:** scripts/get-libvfio-user failed "
+            "(exit status 1): no meson.") in text
+    assert "| server on its own CPU | trapped I/O read 1 B, µs | – | 70.0 | – | – | – |" in text
+    assert all(r["lvu"] is None and r["lvu_x_c"] is None and r["ours_x_c"] is None for r in reference_rows(vc))
+    assert "ours through libvfio-user |" not in text.split("### Without QEMU")[1]  # no row of it
+    assert [e["values"] for e in versus_c_series(results)[1] if e["key"] == "lvu"] == [[0.0, 0.0]]
+    started_but_failed = _fake_versus_c(with_lvu=False)
+    started_but_failed["trapped"]["missing"] = {"lvu": "our idio16 through libvfio-user did not start: boom"}
+    results["versus-c"] = started_but_failed
+    assert "Not measured: our idio16 through libvfio-user did not start: boom" in render_markdown(results)
+
+
+def _dma_row(size: int, read: float, write: float) -> dict:
+    return {"size": size, "read": _summary(size / read), "write": _summary(size / write), "read_MBps": read,
+            "write_MBps": write}
+
+
+def _fake_dma(lvu: dict) -> dict:
+    return {"c_reference": dmabw.C_REFERENCE,
+            "mmap": [_dma_row(4096, 100.0, 200.0), _dma_row(1 << 20, 9000.0, 18000.0)],
+            "message": [_dma_row(4096, 10.0, 20.0), _dma_row(1 << 20, 100.0, 300.0)],
+            "libvfio-user": lvu}
+
+
+def test_report_shows_dma_on_both_engines(quick_protocol_run):
+    results = dict(quick_protocol_run[0])
+    results["dma"] = _fake_dma({"library": "/x/lib/libvfio-user.so.0",
+                                "mmap": [_dma_row(4096, 50.0, 300.0), _dma_row(1 << 20, 4500.0, 36000.0)],
+                                "message": [_dma_row(4096, 10.0, 10.0), _dma_row(1 << 20, 50.0, 600.0)]})
+    text = render_markdown(results)
+    section = text.split("## 4. DMA bandwidth")[1].split("## 5.")[0]
+    for needle in ("**C reference:** not available: libvfio-user's C gpio-pci-idio-16 sample does no DMA",
+                   "libvfio-user: `/x/lib/libvfio-user.so.0`.",
+                   "*mmap* mode", "*message* mode",
+                   "| 4 KiB | 100 | 50 | 0.50× | 200 | 300 | 1.50× |",
+                   "| 1 MiB | 9,000 | 4,500 | 0.50× | 18,000 | 36,000 | 2.00× |",
+                   "| 1 MiB | 100 | 50 | 0.50× | 300 | 600 | 2.00× |"):
+        assert needle in section, needle
+    lines = dma_series(results)
+    assert [line["label"] for line in lines] == [f"{engine}, {mode}, {op}" for engine in ("ours", "libvfio-user")
+                                                 for mode in ("mmap", "message") for op in ("read", "write")]
+    assert lines[4]["MBps"] == [50.0, 4500.0] and lines[4]["sizes"] == [4096, 1 << 20]
+
+
+def test_report_says_why_dma_has_no_libvfio_user_figures(quick_protocol_run):
+    results = dict(quick_protocol_run[0])
+    results["dma"] = _fake_dma({"unavailable": "libvfio-user is not built"})
+    text = render_markdown(results)
+    assert "**libvfio-user is not available, so no figures through it:** libvfio-user is not built" in text
+    assert "| 4 KiB | 100 | – | – | 200 | – | – |" in text
+    assert [line["label"].split(",")[0] for line in dma_series(results)] == ["ours"] * 4
+    results["dma"] = _fake_dma({"library": "/x/lib/libvfio-user.so.0", "error": "DmaCheckFailed: boom"})
+    assert "**DMA through libvfio-user failed:** DmaCheckFailed: boom" in render_markdown(results)
 
 
 def test_report_says_when_the_c_sample_is_missing(quick_protocol_run):

@@ -48,6 +48,12 @@ class GuestMemory:
         return None
 
 
+def session_dma(server):
+    """The DMA backend the served session handed the device, whichever engine serves."""
+    session = server.session
+    return session.requester if hasattr(session, "requester") else session.memory
+
+
 def serve_client(client: Client, stop: contextlib.ExitStack) -> None:
     """Answer the server's DMA requests on a thread until ``stop`` closes (the client's
     own :meth:`Client.serving`, which also routes replies to whichever thread waits)."""
@@ -55,9 +61,9 @@ def serve_client(client: Client, stop: contextlib.ExitStack) -> None:
 
 
 @pytest.fixture
-def setup(serve):
+def setup(serve, backend):
     dev = ProbeDevice()
-    server = serve(dev)
+    server = serve(dev, backend=backend)
     guest = GuestMemory(0x10000, 0x10000)
     client = Client.connect(server.path, dma_handler=guest)
     client.bring_up()  # BARs decoded, bus master on, as firmware and a driver leave them
@@ -173,7 +179,7 @@ def test_client_error_reply_aborts(setup):
 def test_client_that_does_not_answer_times_out(setup):
     dev, server, client, _, _ = setup
     client.dma_map(0x10000, 0x10000, 3)
-    server.session.requester.timeout = 0.2
+    session_dma(server).timeout = 0.2
     with pytest.raises(DmaAborted, match="no reply"):
         dev.dma.read(0x10000, 4)  # nobody serves the client's side
 
@@ -293,14 +299,20 @@ def test_disconnect_fails_waiting_dma_and_later_dma(setup):
         dev.dma.read(0x10000, 4)
 
 
-def test_unmap_waits_for_an_in_place_copy(setup):
+def test_unmap_waits_for_an_in_place_copy(setup, backend):
     """An mmap-mode copy in flight keeps its mapping alive until it is done."""
     dev, server, client, _, _ = setup
     fd = os.memfd_create("ram", os.MFD_CLOEXEC)
     os.ftruncate(fd, 0x100000)
     client.dma_map(0, 0x100000, 3, fd=fd)
     os.close(fd)
-    pieces = server.session.dma_maps.acquire(0, 0x1000, write=False)  # a copy in progress
+    if backend == "libvfio-user":  # a copy holds the context's memory lock while libvfio-user copies
+        lock = server.context.memory_lock
+        lock.acquire()
+        mapped, done = (lambda: session_dma(server).in_place(0, 0x1000, False)), lock.release
+    else:  # a copy pins the pieces it copies
+        pieces = server.session.dma_maps.acquire(0, 0x1000, write=False)
+        mapped, done = (lambda: pieces[0][0].mem is not None), (lambda: server.session.dma_maps.release(pieces))
     unmapped = threading.Event()
 
     def unmap():
@@ -310,10 +322,10 @@ def test_unmap_waits_for_an_in_place_copy(setup):
     t = threading.Thread(target=unmap)
     t.start()
     time.sleep(0.2)
-    assert not unmapped.is_set() and pieces[0][0].mem is not None
-    server.session.dma_maps.release(pieces)
+    assert not unmapped.is_set() and mapped()
+    done()
     t.join(5)
-    assert unmapped.is_set() and pieces[0][0].mem is None
+    assert unmapped.is_set() and not mapped()
 
 
 def test_unmap_of_another_map_does_not_stall_the_server(setup):
@@ -400,10 +412,9 @@ def test_dma_on_a_closed_session_is_unavailable_not_unmapped(setup):
     """A worker that raced a disconnect gets DmaUnavailable, never a guest-address error."""
     dev, server, client, _, _ = setup
     client.dma_map(0x10000, 0x10000, 3)
-    session = server.session
+    dma = session_dma(server)
     client.close()
     assert server.wait_idle(5)
-    dma = session.requester
     for call in (lambda: dma.read(0x10000, 4, may_wait=True), lambda: dma.write(0x10000, b"x", may_wait=True),
                  lambda: dma.mapped(0x10000, 4, False)):
         with pytest.raises(DmaUnavailable):

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from vfiouser.devices.edu import Edu
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 from vfiouser.server import serve_in_thread
 
 from . import edu_scenario
@@ -54,10 +54,10 @@ def test_oracle_transcript_is_what_edu_should_do(qemu_edu):
     assert below_rom[:0x100] == pattern and qemu_edu["read-only map unchanged"] is True
 
 
-def test_two_qemus_in_a_row_see_the_same_edu(qemu_binary, qemu_edu, sockdir):
+def test_two_qemus_in_a_row_see_the_same_edu(qemu_binary, qemu_edu, sockdir, backend):
     """One server, two VMs one after the other: the second meets edu as the first did (the
     interrupt status, the DMA buffer and the registers a warm reset keeps were power-cycled)."""
-    with serve_in_thread(Edu(), os.path.join(sockdir, "edu.sock")) as server:
+    with serve_in_thread(Edu(), os.path.join(sockdir, "edu.sock"), backend=backend) as server:
         transcripts = []
         for _ in range(2):
             with QtestMachine([server.qemu_device_json(addr=f"{edu_scenario.SLOT:02x}.0")], qemu=qemu_binary,
@@ -68,8 +68,8 @@ def test_two_qemus_in_a_row_see_the_same_edu(qemu_binary, qemu_edu, sockdir):
 
 
 @pytest.mark.parametrize("memfd", [False, True], ids=["default-ram", "memfd-ram"])
-def test_python_edu_matches_qemu_edu(qemu_binary, qemu_edu, sockdir, memfd):
-    with serve_in_thread(Edu(), os.path.join(sockdir, "edu.sock")) as server:
+def test_python_edu_matches_qemu_edu(qemu_binary, qemu_edu, sockdir, memfd, backend):
+    with serve_in_thread(Edu(), os.path.join(sockdir, "edu.sock"), backend=backend) as server:
         with QtestMachine([server.qemu_device_json(addr=f"{edu_scenario.SLOT:02x}.0")], qemu=qemu_binary,
                           memfd=memfd) as vm:
             ours = dict(_keyed(edu_scenario.run(vm)))

@@ -15,7 +15,6 @@ import subprocess
 import pytest
 
 from vfiouser.devices.ivshmem import Ivshmem
-from vfiouser.server import serve_in_thread
 
 from .conftest import real_parts_required
 
@@ -51,10 +50,10 @@ def shmpoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("shmpoke") / "shmpoke"
     subprocess.run([gcc, "-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
                     "-fno-pie", "-no-pie", "-o", str(out), os.path.join(HERE, "guest", "shmpoke.c")], check=True)
-    return out.read_bytes()
+    return out  # a host path: linux_guest copies it into the guest
 
 
-def test_guest_writes_bar2_and_the_host_file_holds_it(guest, sockdir, tmp_path, shmpoke):
+def test_guest_writes_bar2_and_the_host_file_holds_it(linux_guest, tmp_path, shmpoke, backend):
     shm = tmp_path / "ivshmem"
     with open(shm, "wb") as f:
         f.truncate(1 << 20)
@@ -65,21 +64,20 @@ def test_guest_writes_bar2_and_the_host_file_holds_it(guest, sockdir, tmp_path, 
     trapped = []
     shared_io.read = lambda base, offset, data: trapped.append(("read", offset))
     shared_io.write = lambda base, offset, data: trapped.append(("write", offset))
-    with serve_in_thread(dev, os.path.join(sockdir, "ivshmem.sock")) as server:
-        g = guest(SCRIPT, devices=[server.qemu_device_json(addr="04.0")], files={"bin/shmpoke": shmpoke})
-        assert g.expect(r"^id 0x1af4:0x1110 class 0x050000$")
-        assert g.expect(r"^bar2 1048576 bytes$")
-        assert g.expect(r"^HOST SAYS: hello from the host$")
-        assert g.expect(r"^READBACK: written by the guest$")
-        g.expect(r"^GUEST DONE$")
-        data = shm.read_bytes()
-        assert data[0x100:0x114] == b"written by the guest"
-        assert data[0x10000:0x20000] == b"\x5a" * 0x10000
-        assert data[0x20000:0x20010] == bytes(16)
-        with open(shm, "r+b") as f:  # any host process can write it
-            os.pwrite(f.fileno(), b"second round!", 0x900)
-        g.send("\n")
-        assert g.expect(r"^HOST AGAIN: second round!$")
-        result = g.wait(60)
+    g = linux_guest(SCRIPT, devices=[dev], files={"/bin/shmpoke": shmpoke}, backend=backend)
+    assert g.expect(r"^id 0x1af4:0x1110 class 0x050000$")
+    assert g.expect(r"^bar2 1048576 bytes$")
+    assert g.expect(r"^HOST SAYS: hello from the host$")
+    assert g.expect(r"^READBACK: written by the guest$")
+    g.expect(r"^GUEST DONE$")
+    data = shm.read_bytes()
+    assert data[0x100:0x114] == b"written by the guest"
+    assert data[0x10000:0x20000] == b"\x5a" * 0x10000
+    assert data[0x20000:0x20010] == bytes(16)
+    with open(shm, "r+b") as f:  # any host process can write it
+        os.pwrite(f.fileno(), b"second round!", 0x900)
+    g.send("\n")
+    assert g.expect(r"^HOST AGAIN: second round!$")
+    result = g.wait(60)
     assert result.exit_code == 0
     assert trapped == [], "guest accesses to BAR2 reached the server; they must go to the mapped file"

@@ -14,7 +14,6 @@ import time
 import pytest
 
 from vfiouser.devices.serial import PciSerial
-from vfiouser.server import serve_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
@@ -39,7 +38,7 @@ grep -E "^1:" /proc/tty/driver/serial
 """
 
 
-def test_8250_moves_64k_each_way(guest, sockdir):
+def test_8250_moves_64k_each_way(linux_guest, sockdir, backend):
     rng = random.Random(20261124)
     to_guest = rng.randbytes(SIZE)
     from_guest = rng.randbytes(SIZE)
@@ -47,30 +46,28 @@ def test_8250_moves_64k_each_way(guest, sockdir):
     dev = PciSerial(backend=f"unix:{line}")
     received = bytearray()
     try:
-        with serve_in_thread(dev, os.path.join(sockdir, "uart.sock")) as server:
-            host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            host.connect(line)
+        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        host.connect(line)
 
-            def collect():
-                while chunk := host.recv(65536):
-                    received.extend(chunk)
+        def collect():
+            while chunk := host.recv(65536):
+                received.extend(chunk)
 
-            threading.Thread(target=collect, daemon=True).start()
-            g = guest(SCRIPT, devices=[server.qemu_device_json(addr="04.0")],
-                      files={"rxdata": to_guest, "txdata": from_guest})
-            probe = g.expect(r"0000:00:04.0: ttyS\d+ at I/O 0x[0-9a-f]+ \(irq = (\d+), base_baud = 115200\) is a 16550A")
-            assert int(probe.group(1)) != 0  # a real interrupt line: the 8250 driver does not poll
-            ready = g.expect(r"RX READY irq=(\d+)")
-            host.sendall(to_guest)
-            rx = g.expect(r"RX (OK|BAD.*) irq=(\d+)", timeout=90)
-            assert rx.group(1) == "OK", rx.group(0)
-            tx = g.expect(r"TX DONE irq=(\d+)", timeout=90)
-            assert g.expect(r"uart:16550A .* tx:65536 rx:65536")
-            deadline = time.monotonic() + 10
-            while len(received) < SIZE and time.monotonic() < deadline:
-                time.sleep(0.05)
-            result = g.wait(30)
-            host.close()
+        threading.Thread(target=collect, daemon=True).start()
+        g = linux_guest(SCRIPT, devices=[dev], backend=backend, files={"rxdata": to_guest, "txdata": from_guest})
+        probe = g.expect(r"0000:00:04.0: ttyS\d+ at I/O 0x[0-9a-f]+ \(irq = (\d+), base_baud = 115200\) is a 16550A")
+        assert int(probe.group(1)) != 0  # a real interrupt line: the 8250 driver does not poll
+        ready = g.expect(r"RX READY irq=(\d+)")
+        host.sendall(to_guest)
+        rx = g.expect(r"RX (OK|BAD.*) irq=(\d+)", timeout=90)
+        assert rx.group(1) == "OK", rx.group(0)
+        tx = g.expect(r"TX DONE irq=(\d+)", timeout=90)
+        assert g.expect(r"uart:16550A .* tx:65536 rx:65536")
+        deadline = time.monotonic() + 10
+        while len(received) < SIZE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = g.wait(30)
+        host.close()
     finally:
         dev.close()
     assert result.exit_code == 0

@@ -8,13 +8,11 @@ register and sets the queue up again. Guest RAM shared (in-place DMA) and not
 shared (DMA_READ/DMA_WRITE messages) are both exercised.
 """
 
-import os
 import re
 
 import pytest
 
 from vfiouser.devices.virtio import VirtioRng, entropy_stream
-from vfiouser.server import serve_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
@@ -40,18 +38,17 @@ def runs_in_stream(data: bytes, produced: int) -> int:
 
 
 @pytest.mark.parametrize("memfd", [True, False], ids=["memfd-ram", "default-ram"])
-def test_virtio_rng_feeds_dev_hwrng(guest, sockdir, memfd):
+def test_virtio_rng_feeds_dev_hwrng(linux_guest, memfd, backend):
     dev = VirtioRng(seed=SEED)
-    with serve_in_thread(dev, os.path.join(sockdir, "rng.sock")) as server:
-        g = guest(SCRIPT, devices=[server.qemu_device_json(addr="04.0")], modules=["virtio-rng"], memfd=memfd,
-                  append="rng_core.default_quality=0")  # no kernel thread competing for the bytes
-        assert g.expect(r"^virtio-pci$") and g.expect(r"^virtio_rng$")
-        assert g.expect(r"^rng virtio_rng\.0$")
-        assert int(g.expect(r"msix vectors (\d+)").group(1)) == 2  # config + the queue: MSI-X in use
-        first = bytes.fromhex(g.expect(r"READ1 ([0-9a-f]+)").group(1))
-        second = bytes.fromhex(g.expect(r"READ2 ([0-9a-f]+)").group(1))
-        irqs = int(g.expect(r"irqs (\d+)").group(1))
-        result = g.wait(60)
+    g = linux_guest(SCRIPT, devices=[dev], modules=["virtio-rng"], memfd=memfd, backend=backend,
+                    append="rng_core.default_quality=0")  # no kernel thread competing for the bytes
+    assert g.expect(r"^virtio-pci$") and g.expect(r"^virtio_rng$")
+    assert g.expect(r"^rng virtio_rng\.0$")
+    assert int(g.expect(r"msix vectors (\d+)").group(1)) == 2  # config + the queue: MSI-X in use
+    first = bytes.fromhex(g.expect(r"READ1 ([0-9a-f]+)").group(1))
+    second = bytes.fromhex(g.expect(r"READ2 ([0-9a-f]+)").group(1))
+    irqs = int(g.expect(r"irqs (\d+)").group(1))
+    result = g.wait(60)
     assert result.exit_code == 0
     assert len(first) == len(second) == 4096
     at1, at2 = runs_in_stream(first, dev.produced), runs_in_stream(second, dev.produced)

@@ -152,6 +152,55 @@ def test_fast_path_replies_and_state_match_the_full_dispatcher(rigs, seed, monke
     assert traced.trace.getvalue().count("\n") > len(messages)  # traced: every message in and out
 
 
+def _served_exchange(server, messages: list[bytes], chunk: int = 7) -> tuple[bytes, socket.socket]:
+    """What Rig.exchange does, through a real server's socket (so its serving loop answers);
+    the replies, and the socket, still open (the device is power-cycled once it closes)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(server.path)
+    sock.settimeout(10)
+    version = Version.build(dict(major=0, minor=0, json=json.dumps(DEFAULT_CLIENT_CAPS)))
+    sock.sendall(message(int(Command.VERSION), version))
+    size = HEADER.unpack(sock.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_WAITALL))[2]
+    sock.recv(size, socket.MSG_WAITALL)
+    messages = messages + [message(INFO, b"\0" * 16, 0, SENTINEL_ID)]
+    for start in range(0, len(messages), chunk):
+        sock.sendall(b"".join(messages[start : start + chunk]))
+    replies = bytearray()
+    while True:
+        head = sock.recv(HEADER_SIZE, socket.MSG_WAITALL)
+        msg_id, _, size, _, _ = HEADER.unpack(head)
+        replies += head + (sock.recv(size - HEADER_SIZE, socket.MSG_WAITALL) if size > HEADER_SIZE else b"")
+        if msg_id == SENTINEL_ID:
+            return bytes(replies), sock
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_c_loop_answers_as_the_full_dispatcher(rigs, serve, seed):
+    """The same streams through a server whose serving thread runs the C loop
+    (vfiouser._fastloop): the same replies, the same device state."""
+    from vfiouser import fastpath
+
+    from .conftest import real_parts_required
+
+    if not fastpath.AVAILABLE:
+        if real_parts_required():
+            pytest.fail("vfiouser._fastloop was not built (pip install needs a C compiler and Python's headers)")
+        pytest.skip("vfiouser._fastloop was not built (no C compiler here)")
+    traced = rigs(True)
+    dev = ProbeDevice()
+    bring_up(dev.port)
+    server = serve(dev)
+    assert server.fast_loop
+    messages = stream(seed, 600)
+    replies, sock = _served_exchange(server, messages)
+    try:
+        assert replies == traced.exchange(messages)
+        state = bytes(dev.ram.mem), bytes(dev.ram64.mem), dev.regs.writes, bytes(dev.config.data)
+        assert state == traced.state()
+    finally:
+        sock.close()
+
+
 def test_deferred_work_waits_for_the_reply_of_its_batch(rigs):
     rig = rigs(False)
     dev = rig.device

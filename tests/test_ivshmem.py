@@ -17,7 +17,7 @@ from vfiouser.devices.pci import BarError, MemoryBar, PciDevice
 from vfiouser.iomgr import DeviceIo
 from vfiouser.client import Client
 from vfiouser.protocol import RegionCapId, RegionFlags
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 from vfiouser.server import serve_in_thread
 
 SLOT = 4
@@ -171,13 +171,13 @@ def _ivshmem_script(vm, shm_path):
 
 
 @pytest.mark.qemu
-def test_python_ivshmem_matches_qemus_ivshmem_plain(qemu_binary, sockdir, tmp_path):
+def test_python_ivshmem_matches_qemus_ivshmem_plain(qemu_binary, sockdir, tmp_path, backend):
     """The same script against QEMU's ivshmem-plain and the Python one (over vfio-user)."""
     theirs_path, ours_path = str(tmp_path / "theirs"), str(tmp_path / "ours")
     with open(theirs_path, "wb") as f:
         f.truncate(1 << 20)
-    backend = ["-object", f"memory-backend-file,id=hm,size=1M,share=on,mem-path={theirs_path}"]
-    with QtestMachine([f"ivshmem-plain,memdev=hm,addr={SLOT:02x}.0"], backend, qemu=qemu_binary) as vm:
+    memdev = ["-object", f"memory-backend-file,id=hm,size=1M,share=on,mem-path={theirs_path}"]
+    with QtestMachine([f"ivshmem-plain,memdev=hm,addr={SLOT:02x}.0"], memdev, qemu=qemu_binary) as vm:
         theirs = _ivshmem_script(vm, theirs_path)
 
     dev = Ivshmem(size="1M", file=ours_path)
@@ -185,7 +185,7 @@ def test_python_ivshmem_matches_qemus_ivshmem_plain(qemu_binary, sockdir, tmp_pa
     trapped = []
     shared_io.read = lambda base, offset, data: trapped.append(("read", offset))
     shared_io.write = lambda base, offset, data: trapped.append(("write", offset))
-    with serve_in_thread(dev, os.path.join(sockdir, "iv.sock")) as server:
+    with serve_in_thread(dev, os.path.join(sockdir, "iv.sock"), backend=backend) as server:
         with QtestMachine([server.qemu_device_json(addr=f"{SLOT:02x}.0")], qemu=qemu_binary) as vm:
             ours = _ivshmem_script(vm, ours_path)
 

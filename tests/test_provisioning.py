@@ -1,4 +1,8 @@
-"""The provisioning scripts take the Debian archive from the machine, never from the repository."""
+"""The provisioning scripts take the Debian archive from the machine, never from the repository.
+
+They ship inside the package (vfiouser/testing/provision/), so an installed vfiouser can fetch
+QEMU and the guest (``python -m vfiouser.testing.fetch``, ``vfiouser guest``); scripts/get-qemu
+and scripts/get-guest run them from a checkout."""
 
 import os
 import pathlib
@@ -8,7 +12,7 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-LIB = ROOT / "scripts" / "lib" / "private-apt.sh"
+LIB = ROOT / "vfiouser" / "testing" / "provision" / "private-apt.sh"
 
 
 def mirror(etc: pathlib.Path, env_mirror: str | None = None) -> subprocess.CompletedProcess:
@@ -54,7 +58,9 @@ def test_no_archive_is_a_clear_error(etc):
 
 
 def test_no_mirror_host_is_written_in_the_repository():
-    tracked = subprocess.run(["git", "ls-files", "scripts"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "scripts", "vfiouser/testing/provision"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert "vfiouser/testing/provision/get-guest" in tracked
     pattern = re.compile(r"https?://[^ \"']+/debian([/ \"']|$)", re.M)
     hits = [path for path in tracked if pattern.search((ROOT / path).read_text(errors="replace"))]
     assert hits == []

@@ -1,5 +1,7 @@
 """Against the real QEMU (qtest accelerator, no guest): what a driver and firmware would see.
 
+The idio16 tests use the plugin's ``qemu_qtest``; the others build their QtestMachine
+themselves (a CLI server, two QEMUs in a row, ROM and DMA layouts).
 The device sits at 00:04.0 of a q35 machine. Its INTA is routed to GSI 20,
 which the tests watch with ``irq_intercept_in ioapic``. QEMU lowers the line
 and unmasks INTx on every BAR access after an interrupt (its INTx "EOI"), so a
@@ -15,7 +17,7 @@ import time
 import pytest
 
 from vfiouser.devices.idio16 import Idio16
-from vfiouser.qemu import QtestMachine
+from vfiouser.testing.qemu import QtestMachine
 
 from .probe import ROM_DATA, ProbeDevice
 
@@ -40,92 +42,90 @@ def program_idio16(vm):
 # ------------------------------------------------------------------ idio16
 
 
-def test_idio16_enumerates_and_gpio_works(qemu_binary, serve):
-    dev = Idio16()
-    server = serve(dev)
-    with machine(qemu_binary, server) as vm:
-        assert vm.pci_cfg_read(SLOT, 0x00, 2) == 0x494F
-        assert vm.pci_cfg_read(SLOT, 0x02, 2) == 0x0DC8
-        assert vm.pci_cfg_read(SLOT, 0x3D, 1) == 1  # INTA
-        assert vm.pci_bar_size(SLOT, 2) == (256, True)
-        assert vm.pci_bar_size(SLOT, 0) == (0, False)
-        program_idio16(vm)
-        # The driver's start-up: disable IRQ, deactivate filters.
-        vm.outb(IO_BASE + 2, 0)
-        vm.outb(IO_BASE + 3, 0)
-        assert not dev.filters_active
-        # gpio set: write the output registers, read them back.
-        vm.outb(IO_BASE + 0, 0x5A)
-        vm.outb(IO_BASE + 4, 0xC3)
-        assert dev.outputs == 0xC35A
-        assert vm.inb(IO_BASE + 0) == 0x5A and vm.inb(IO_BASE + 4) == 0xC3
-        # gpio get on inputs driven from the host side.
-        dev.set_inputs(0xBEEF)
-        assert vm.inb(IO_BASE + 1) == 0xEF and vm.inb(IO_BASE + 5) == 0xBE
-        # Ports the board does not decode read all-ones.
-        assert vm.inb(IO_BASE + 0x80) == 0xFF
+@pytest.fixture
+def idio16_vm(qemu_qtest, backend):
+    """An idio16 in slot 4 with BAR2 placed and decoding on (the plugin's qemu_qtest)."""
+    vm = qemu_qtest(Idio16, backend=backend)
+    assert vm.device.slot == SLOT and vm.device.intx_line == GSI  # q35: slot 4's INTA is GSI 20
+    assert vm.device.bars == {2: IO_BASE}
+    return vm
 
 
-def test_idio16_input_change_interrupts_through_intx(qemu_binary, serve):
-    dev = Idio16()
-    server = serve(dev)
-    with machine(qemu_binary, server) as vm:
-        program_idio16(vm)
-        vm.irq_intercept_in("ioapic")
-        vm.outb(IO_BASE + 1, 0)  # clear, then enable as regmap-irq does
-        vm.inb(IO_BASE + 2)
-        dev.set_input(12, True)
-        assert vm.wait_irq("raise", GSI), vm.irq_events
-        assert vm.inb(IO_BASE + 6) == 0b110  # group 1 changed, pending
-        assert vm.wait_irq("lower", GSI) and vm.wait_irq("raise", GSI)  # EOI while still pending: raised again
-        vm.outb(IO_BASE + 1, 0)  # clear interrupt
-        assert vm.wait_irq("lower", GSI)
-        assert not vm.wait_irq("raise", GSI, timeout=0.3)
-        vm.outb(IO_BASE + 2, 0)  # disable: no more interrupts
-        dev.set_input(12, False)
-        assert not vm.wait_irq("raise", GSI, timeout=0.3)
+def test_idio16_enumerates_and_gpio_works(idio16_vm):
+    vm, gpio = idio16_vm.machine, idio16_vm.device
+    dev = gpio.model
+    assert gpio.config.read(0x00, 2) == 0x494F
+    assert gpio.config.read(0x02, 2) == 0x0DC8
+    assert gpio.config.read(0x3D, 1) == 1  # INTA
+    assert vm.pci_bar_size(SLOT, 2) == (256, True)
+    assert vm.pci_bar_size(SLOT, 0) == (0, False)
+    # The driver's start-up: disable IRQ, deactivate filters.
+    vm.outb(IO_BASE + 2, 0)
+    vm.outb(IO_BASE + 3, 0)
+    assert not dev.filters_active
+    # gpio set: write the output registers, read them back.
+    gpio.bar(2).write(0, 1, 0x5A)
+    gpio.bar(2).write(4, 1, 0xC3)
+    assert dev.outputs == 0xC35A
+    assert vm.inb(IO_BASE + 0) == 0x5A and vm.inb(IO_BASE + 4) == 0xC3
+    # gpio get on inputs driven from the host side.
+    dev.set_inputs(0xBEEF)
+    assert gpio.bar(2).read(1, 1) == 0xEF and gpio.bar(2).read(5, 1) == 0xBE
+    # Ports the board does not decode read all-ones.
+    assert vm.inb(IO_BASE + 0x80) == 0xFF
 
 
-def test_idio16_intx_disable_bit(qemu_binary, serve):
-    dev = Idio16()
-    server = serve(dev)
-    with machine(qemu_binary, server) as vm:
-        program_idio16(vm)
-        vm.irq_intercept_in("ioapic")
-        vm.pci_cfg_write(SLOT, 0x04, 0x0401, 2)  # I/O + INTx disable
-        vm.inb(IO_BASE + 2)
-        dev.set_input(0, True)
-        assert not vm.wait_irq("raise", GSI, timeout=0.3)
-        assert vm.pci_cfg_read(SLOT, 0x06, 2) & 0x8  # status shows the pending interrupt
-        vm.pci_cfg_write(SLOT, 0x04, 0x0001, 2)
-        assert vm.wait_irq("raise", GSI)
+def test_idio16_input_change_interrupts_through_intx(idio16_vm):
+    vm, gpio = idio16_vm.machine, idio16_vm.device
+    dev = gpio.model
+    vm.outb(IO_BASE + 1, 0)  # clear, then enable as regmap-irq does
+    vm.inb(IO_BASE + 2)
+    dev.set_input(12, True)
+    assert gpio.irqs.wait("intx")
+    assert vm.inb(IO_BASE + 6) == 0b110  # group 1 changed, pending
+    assert vm.wait_irq("lower", GSI) and vm.wait_irq("raise", GSI)  # EOI while still pending: raised again
+    vm.outb(IO_BASE + 1, 0)  # clear interrupt
+    assert vm.wait_irq("lower", GSI)
+    assert not vm.wait_irq("raise", GSI, timeout=0.3)
+    vm.outb(IO_BASE + 2, 0)  # disable: no more interrupts
+    dev.set_input(12, False)
+    assert not vm.wait_irq("raise", GSI, timeout=0.3)
 
 
-def test_system_reset_reaches_the_model(qemu_binary, serve):
-    dev = Idio16()
-    server = serve(dev)
-    with machine(qemu_binary, server) as vm:
-        program_idio16(vm)
-        vm.outb(IO_BASE, 0xFF)
-        vm.inb(IO_BASE + 2)
-        assert dev.outputs == 0xFF and dev.irq_enabled
-        resets_before = server.session.port is dev.port and dev.config.get_word(0x04)
-        assert resets_before == 0x0001
-        vm.system_reset()
-        deadline = time.monotonic() + 5
-        while dev.outputs and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert dev.outputs == 0 and not dev.irq_enabled
-        assert vm.pci_cfg_read(SLOT, 0x04, 2) == 0  # command register reset
-        program_idio16(vm)  # and the device works after the reset
-        vm.outb(IO_BASE + 4, 0x11)
-        assert dev.outputs == 0x1100
+def test_idio16_intx_disable_bit(idio16_vm):
+    vm, gpio = idio16_vm.machine, idio16_vm.device
+    gpio.config.write(0x04, 2, 0x0401)  # I/O + INTx disable
+    vm.inb(IO_BASE + 2)
+    gpio.model.set_input(0, True)
+    assert not vm.wait_irq("raise", GSI, timeout=0.3)
+    assert gpio.config.read(0x06, 2) & 0x8  # status shows the pending interrupt
+    gpio.config.write(0x04, 2, 0x0001)
+    assert gpio.irqs.wait("intx")
 
 
-def test_cli_server_survives_qemu_quitting_and_serves_the_next(qemu_binary, sockdir):
+def test_system_reset_reaches_the_model(idio16_vm):
+    vm, gpio = idio16_vm.machine, idio16_vm.device
+    dev = gpio.model
+    vm.outb(IO_BASE, 0xFF)
+    vm.inb(IO_BASE + 2)
+    assert dev.outputs == 0xFF and dev.irq_enabled
+    assert dev.config.get_word(0x04) == 0x0007  # I/O, memory, bus master: as firmware left it
+    idio16_vm.system_reset()
+    deadline = time.monotonic() + 5
+    while dev.outputs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dev.outputs == 0 and not dev.irq_enabled
+    assert gpio.config.read(0x04, 2) == 0  # command register reset
+    program_idio16(vm)  # and the device works after the reset
+    vm.outb(IO_BASE + 4, 0x11)
+    assert dev.outputs == 0x1100
+
+
+def test_cli_server_survives_qemu_quitting_and_serves_the_next(qemu_binary, sockdir, backend):
     """The command-line server, two QEMUs one after the other (the issue's acceptance check)."""
     path = os.path.join(sockdir, "idio16.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", path, "-v"],
+    proc = subprocess.Popen([sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", path, "-v",
+                             "--backend", backend],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         device_arg = proc.stdout.readline().strip()
@@ -144,14 +144,15 @@ def test_cli_server_survives_qemu_quitting_and_serves_the_next(qemu_binary, sock
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and not os.path.exists(path)
     assert err.count("connected") >= 2 and "client2 gone" in err
-    assert "DEVICE_RESET" in err
+    # -v logs each message (ours) or what libvfio-user says it does
+    assert ("DEVICE_RESET" if backend == "vfiouser" else "device reset by client") in err
 
 
-def test_two_qemus_in_a_row_meet_the_same_idio16(qemu_binary, serve):
+def test_two_qemus_in_a_row_meet_the_same_idio16(qemu_binary, serve, backend):
     """A new VM is a new machine: what the first VM left in the device never reaches the second,
     while the host-driven inputs (the world outside the board) stay as the host set them."""
     dev = Idio16()
-    server = serve(dev)
+    server = serve(dev, backend=backend)
     dev.set_inputs(0x1234)
     transcripts = []
     for _ in range(2):

@@ -262,23 +262,28 @@ def test_server_close_drops_waiting_second_clients(sockdir):
     first.close()
 
 
-def test_exception_in_a_connection_callback_ends_only_that_connection(serve, monkeypatch):
+@pytest.mark.parametrize("where", ["Session.process", "DeviceWorker.__enter__"])
+def test_exception_in_a_connection_callback_ends_only_that_connection(serve, monkeypatch, where):
+    """A bug in the serving code (not in a model) ends that connection, never the server: in the
+    Python loop's processing, or in what the C loop calls (the port's batch)."""
+    from vfiouser.devices.pci.worker import DeviceWorker
     from vfiouser.session import Session
 
-    server = serve(ProbeDevice())
-    original = Session.process
+    owner, name = (Session, "process") if where == "Session.process" else (DeviceWorker, "__enter__")
+    server = serve(ProbeDevice(), fast_loop=owner is DeviceWorker)
+    original = getattr(owner, name)
     calls = {"n": 0}
 
-    def flaky(self, frames):
+    def flaky(self, *args):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise RuntimeError("bug in the session")
-        return original(self, frames)
+            raise RuntimeError("bug in the serving code")
+        return original(self, *args)
 
-    monkeypatch.setattr(Session, "process", flaky)
+    monkeypatch.setattr(owner, name, flaky)
     c = Client.connect(server.path)
     with pytest.raises(Exception):
         c.config_read(0)
     c.close()
-    monkeypatch.setattr(Session, "process", original)
+    monkeypatch.setattr(owner, name, original)
     next_client_works(server)

@@ -48,6 +48,8 @@ _REGION_READ = int(Command.REGION_READ)
 _REGION_WRITE = int(Command.REGION_WRITE)
 _ACCESS_SIZE = HEADER_SIZE + REGION_ACCESS.size  # header + region access: 32 bytes
 _ACCESS_UNPACK = REGION_ACCESS.unpack_from
+#: Accesses whose -v log line names the registers they reach.
+_NAMED_ACCESSES = (Command.REGION_READ, Command.REGION_WRITE)
 #: a reply's header and region access in one pack
 _REPLY_ACCESS = struct.Struct(HEADER.format + REGION_ACCESS.format.lstrip("<"))
 #: a REGION_WRITE payload of 1, 2, 4 or 8 data bytes in one unpack (the data comes out as bytes)
@@ -127,15 +129,29 @@ class Dispatcher:
         self.full(frame)
 
     def full(self, frame) -> None:
-        """Everything the fast path does not take, with every check and precise errnos."""
+        """Everything the fast path does not take, with every check and precise errnos; observed
+        (logged, traced) when the session is."""
+        outbox = self.outbox
+        if not outbox.observed:
+            self.serve(frame)
+            return
+        msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
+        observer = outbox.observer
+        if observer is not None and payload is not None:
+            observer.received(frame)
+        if outbox.verbose:
+            self.log.debug("<<< %s", describe(cmd, flags, payload if payload is not None else b"",
+                                              msg_id=msg_id, nfds=len(fds)))
+        try:
+            self.serve(frame)
+        finally:
+            if observer is not None:
+                observer.done(msg_id)
+
+    def serve(self, frame) -> None:
+        """Serve one message (see :meth:`full`)."""
         msg_id, cmd, msg_size, flags, error_no, payload, fds = frame
         outbox = self.outbox
-        if outbox.observed:
-            if payload is not None:
-                outbox.record("in", HEADER.pack(msg_id, cmd, msg_size, flags, error_no) + bytes(payload), len(fds))
-            if outbox.verbose:
-                self.log.debug("<<< %s", describe(cmd, flags, payload if payload is not None else b"",
-                                                  msg_id=msg_id, nfds=len(fds)))
         mtype = flags & _TYPE_MASK
         if mtype == _REPLY:
             self.session.requester.route_reply(msg_id, cmd, flags, error_no, payload, fds)

@@ -239,9 +239,11 @@ class IrqState(InterruptSink):
             self._failed_fds.discard(fd)
             _close(fd)
 
-    def _fire_intx(self) -> None:
+    def _fire_intx(self) -> bool:
         if self._fire(IrqIndex.INTX, 0):
             self.masked[IrqIndex.INTX][0] = True  # automasked until the client unmasks
+            return True
+        return False
 
     def fire_vector(self, index: int, vector: int) -> bool:
         """Signal an MSI/MSI-X vector; False if it has no eventfd (or is disabled or masked)."""
@@ -252,12 +254,12 @@ class IrqState(InterruptSink):
 
     # -- InterruptSink ------------------------------------------------------------
 
-    def intx(self, asserted: bool) -> None:
-        """The device's effective INTx level changed."""
+    def intx(self, asserted: bool) -> bool:
+        """The device's effective INTx level changed. Returns whether the eventfd was signalled
+        (not while INTx is masked, or without an eventfd: then the unmask signals it)."""
         with self._lock:
             self.intx_level = asserted
-            if asserted:
-                self._fire_intx()
+            return self._fire_intx() if asserted else False
 
     def msi(self, vector: int) -> bool:
         return self.fire_vector(IrqIndex.MSI, vector)

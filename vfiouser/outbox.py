@@ -7,9 +7,10 @@ of the wake-up. A reply that carries fds flushes what is queued first and goes
 out on its own ``sendmsg``, so the fds arrive with its first byte (as QEMU
 expects). A command flagged NO_REPLY never reaches the outbox.
 
-Tracing (``--trace``) and message logging (``-v``, DEBUG) happen here, so the
-dispatcher's fast path, which runs only while neither is on, never pays for
-them. A trace that fails (a full disk) stops tracing, never the device.
+Every message sent goes to the session's observer, if it has one (the readable
+log and the trace, :mod:`vfiouser.observe`), and is logged raw when this
+session's logger is at DEBUG (``-vv``); the dispatcher's fast path, which runs
+only while neither is on, never pays for them.
 """
 
 from __future__ import annotations
@@ -32,19 +33,24 @@ class Outbox:
     fast path appends finished replies to it directly.
     """
 
-    def __init__(self, transport, log: logging.LoggerAdapter, tracer=None) -> None:
+    def __init__(self, transport, log: logging.LoggerAdapter) -> None:
         self.transport = transport
         self.log = log
-        self.tracer = tracer
+        #: raw protocol lines (the session's logger at DEBUG)
         self.verbose = log.isEnabledFor(logging.DEBUG)
+        #: the session's :class:`~vfiouser.observe.SessionObserver`, if it has one
+        self.observer = None
         self.queue: list = []
-        #: called when tracing stops after a failure (the session re-checks its fast path)
-        self.on_trace_stopped = lambda: None
 
     @property
     def observed(self) -> bool:
         """Whether messages are traced or logged (the fast path is off then)."""
-        return self.verbose or self.tracer is not None
+        return self.verbose or self.observer is not None
+
+    @property
+    def tracer(self):
+        """The session's message trace, if it is traced."""
+        return self.observer.tracer if self.observer is not None else None
 
     # -- replies (the serving thread) -----------------------------------------------------
 
@@ -60,7 +66,8 @@ class Outbox:
             payload = b"".join(bytes(p) for p in parts)
             if self.verbose:
                 self.log.debug(">>> %s", describe(cmd, _REPLY, payload, msg_id=msg_id, nfds=len(fds)))
-            self.record("out", header + payload, len(fds))
+            if self.observer is not None:
+                self.observer.sent(header + payload, len(fds))
         if fds:
             self.flush()
             self.transport.send([header, *parts], fds)
@@ -73,7 +80,8 @@ class Outbox:
         header = HEADER.pack(msg_id, cmd, HEADER_SIZE, _ERROR_REPLY, err)
         if self.verbose:
             self.log.debug(">>> %s #%d reply ERROR %s", command_name(cmd), msg_id, errno.errorcode.get(err, err))
-        self.record("out", header, 0)
+        if self.observer is not None:
+            self.observer.sent(header, 0)
         self.queue.append(header)
 
     def flush(self) -> None:
@@ -93,19 +101,7 @@ class Outbox:
         header = HEADER.pack(msg_id, cmd, HEADER_SIZE + len(payload), MsgType.COMMAND, 0)
         if self.verbose:
             self.log.debug(">>> %s", describe(cmd, 0, payload, msg_id=msg_id))
-        self.record("out", header + payload, 0)
+        observer = self.observer
+        if observer is not None:
+            observer.sent(header + payload, 0)
         self.transport.send([header, payload])
-
-    # -- the trace -------------------------------------------------------------------------
-
-    def record(self, direction: str, message: bytes, nfds: int) -> None:
-        """Add one message to the trace, if there is one."""
-        tracer = self.tracer
-        if tracer is None:
-            return
-        try:
-            tracer.record(direction, message, nfds)
-        except Exception as exc:  # a full disk must not take the device down
-            self.log.error("message trace failed (%s); tracing stops", exc)
-            self.tracer = None
-            self.on_trace_stopped()

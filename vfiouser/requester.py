@@ -34,15 +34,15 @@ from .errors import ConnectionClosed
 from .protocol import DMA_ACCESS, Command, MsgFlags, command_name
 from .transport import close_fds
 
-__all__ = ["DmaRequester", "DMA_READ_CHUNK"]
+__all__ = ["DmaRequester", "DMA_READ_CHUNK", "Waiter"]
 
 #: Most bytes one DMA_READ asks for: the reply (32 KiB + 32) fits in one AF_UNIX socket
 #: buffer unit (about 36 KiB on Linux), which QEMU writes all or nothing.
 DMA_READ_CHUNK = 32 * 1024
 
 
-class _Waiter:
-    """A request of ours waiting for its reply."""
+class Waiter:
+    """A request of ours waiting for its reply: ``event`` is set with ``reply`` (its payload) or ``error``."""
 
     __slots__ = ("cmd", "event", "reply", "error")
 
@@ -72,7 +72,7 @@ class DmaRequester(DmaBackend):
         #: seconds a transfer waits for the client's reply
         self.timeout = 10.0
         self._lock = threading.Lock()
-        self._pending: dict[int, _Waiter] = {}
+        self._pending: dict[int, Waiter] = {}
         self._next_id = 0
         self.closed = False
 
@@ -261,7 +261,7 @@ class DmaRequester(DmaBackend):
 
     def _request(self, cmd: int, payload: bytes, region) -> bytes:
         """Send a request to the client and wait for the reply's payload (never the serving thread)."""
-        waiter = _Waiter(cmd)
+        waiter = Waiter(cmd)
         with self._lock:
             if self.closed:
                 raise DmaUnavailable("the client disconnected")

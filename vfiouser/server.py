@@ -36,6 +36,7 @@ import time
 
 from vfiouser.devices.port import as_port
 
+from . import fastpath
 from .errors import ConnectionClosed, FramingError, UsageError, VfioUserError
 from .negotiation import ServerCapabilities
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
@@ -43,7 +44,8 @@ from .regions import RegionTable
 from .session import Session
 from .watchdog import LoopWatchdog
 
-__all__ = ["Server", "SocketInUse", "serve_in_thread"]
+__all__ = ["Server", "SocketInUse", "SocketPathError", "serve_in_thread", "device_json", "prepare_socket_path",
+           "MAX_SOCKET_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +177,32 @@ class SocketInUse(VfioUserError):
     """The socket path belongs to a live server, or is not a socket at all."""
 
 
-def _prepare_path(path: str) -> None:
-    """Remove a stale socket at ``path``; refuse a live one or a non-socket file."""
+class SocketPathError(UsageError):
+    """A socket path that cannot be bound: too long for AF_UNIX, or in a folder that does not exist."""
+
+
+#: Longest AF_UNIX socket path in bytes (``sun_path`` is 108 bytes, NUL included).
+MAX_SOCKET_PATH = 107
+
+
+def device_json(path: str, **extra) -> str:
+    """The JSON for QEMU's ``-device`` option that attaches to a server on ``path``."""
+    spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}}
+    spec.update(extra)
+    return json.dumps(spec, separators=(",", ":"))
+
+
+def prepare_socket_path(path: str) -> None:
+    """Remove a stale socket at ``path``; refuse a live one or a non-socket file
+    (:class:`SocketInUse`), and a path that cannot be bound (:class:`SocketPathError`)."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise SocketPathError(f"the path is {size} bytes and AF_UNIX allows at most {MAX_SOCKET_PATH}: use a "
+                              f"shorter one (e.g. /tmp/{os.path.basename(path)[-40:]})")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise SocketPathError(f"its folder {folder} does not exist: create it (mkdir -p {folder}) or choose "
+                              f"another path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -216,6 +242,7 @@ class Server:
         tracer=None,
         backlog: int = 4,
         poll_us: float = 0.0,
+        fast_loop: bool = True,
     ) -> None:
         if not 0 <= poll_us <= 1e6:
             raise UsageError(f"poll_us must be between 0 and 1e6 µs, not {poll_us}")
@@ -229,6 +256,8 @@ class Server:
         #: µs the loop keeps polling (busy, yielding the CPU) for the next message after
         #: serving; 0: sleep in epoll at once. Worth it when the server has a CPU of its own.
         self.poll_us = poll_us
+        #: serve the fast path's messages with the C loop (:mod:`vfiouser.fastpath`) when it is built
+        self.fast_loop = fastpath.wanted(fast_loop)
         self.session: Session | None = None
         self.sessions_served = 0
         #: warns when serving one request takes long enough for the client to give up
@@ -241,7 +270,7 @@ class Server:
         # connection stays in the backlog, so epoll reports it at once, for ever (see _shed).
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._last_shed = -1e9
-        _prepare_path(self.path)
+        prepare_socket_path(self.path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(self.path)
@@ -267,9 +296,7 @@ class Server:
 
     def qemu_device_json(self, **extra) -> str:
         """The JSON for QEMU's ``-device`` option that attaches to this server."""
-        spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": self.path}}
-        spec.update(extra)
-        return json.dumps(spec, separators=(",", ":"))
+        return device_json(self.path, **extra)
 
     def serve_forever(self) -> None:
         """Accept and serve clients until :meth:`stop`.
@@ -310,10 +337,14 @@ class Server:
         watchdog = self.watchdog
         monotonic = time.monotonic
         spin = self.poll_us / 1e6
-        receive, process = session.transport.receive, session.process
+        transport, dispatcher = session.transport, session.dispatcher
+        receive, process = transport.receive, session.process
+        fast = fastpath.for_session(session, watchdog=watchdog, spin=spin) if self.fast_loop else None
         try:
             while not self._stopping:
-                if spin:
+                if fast is not None and dispatcher.fast and transport.drained:
+                    frames = fastpath.serve(session, fast)
+                elif spin:
                     frames = self._poll_then_wait(session, spin)
                 else:
                     try:
@@ -535,14 +566,17 @@ class Server:
 
 
 class serve_in_thread:
-    """Run a :class:`Server` on a background thread (for tests and embedding).
+    """Run a server on a background thread (for tests and embedding).
 
     ``with serve_in_thread(device, path) as server:`` starts serving and, on
     exit, stops the server, joins the thread and removes the socket.
+    ``backend`` picks the protocol engine (:mod:`vfiouser.backends`; default ours).
     """
 
-    def __init__(self, device, path: str, **kwargs) -> None:
-        self.server = Server(device, path, **kwargs)
+    def __init__(self, device, path: str, *, backend: str | None = None, **kwargs) -> None:
+        from .backends import make_server  # the backends module imports this one
+
+        self.server = make_server(device, path, backend=backend, **kwargs)
         self.thread = threading.Thread(target=self.server.serve_forever, name="vfiouser-server", daemon=True)
 
     def __enter__(self) -> Server:

@@ -7,7 +7,8 @@ wires its parts together; each part does one job:
 :class:`Transport`      frames the byte stream; fds travel with their message
 :class:`Dispatcher`     a message to its reply: fast path, full path, errors
 :class:`CommandHandlers` what each command does (one handler per command)
-:class:`Outbox`         replies queued and sent together; our own requests; the trace
+:class:`Outbox`         replies queued and sent together; our own requests
+:class:`SessionObserver` the readable log (-v) and the trace, when either is on
 :class:`IrqState`       SET_IRQS and the eventfds: the port's interrupt sink
 :class:`DmaMappings`    the DMA_MAP ranges, mmapped where they have an fd
 :class:`DmaRequester`   device DMA, in place or by messages: the port's DMA backend
@@ -41,7 +42,9 @@ from .dispatch import Dispatcher
 from .dma import DmaMappings
 from .errors import ConnectionClosed, FramingError
 from .irq import IrqState
+from . import observe
 from .negotiation import ClientCapabilities, ServerCapabilities
+from .observe import SessionObserver
 from .outbox import Outbox
 from .protocol import HEADER, HEADER_SIZE, MsgFlags, MsgType
 from .regions import RegionTable
@@ -69,12 +72,13 @@ class Session:
     ``regions`` is the port's :class:`RegionTable` (the server builds it once); ``initial``
     bytes the server read from the socket before the session existed.
     ``watch(fd, callback)`` / ``unwatch(fd)`` let the session ask the server loop
-    to poll extra fds (the INTx resample eventfd).
+    to poll extra fds (the INTx resample eventfd). ``observer_class(session, tracer)`` makes
+    the observer of a logged or traced session (a replay brings its own).
     """
 
     def __init__(self, sock, port: DevicePort, *, regions: RegionTable | None = None, name: str = "session",
                  caps: ServerCapabilities | None = None, tracer=None, watch=None, unwatch=None,
-                 initial: bytes = b"") -> None:
+                 initial: bytes = b"", observer_class=SessionObserver) -> None:
         self.name = name
         self.log = ClientLog(log, {"client": name})
         self.port = port
@@ -86,7 +90,9 @@ class Session:
         self.max_msg_size = self.caps.max_data_xfer_size + 4096
         self.transport = Transport(sock, max_msg_size=self.max_msg_size, log=self.log, initial=initial,
                                    max_fds=self.caps.max_msg_fds)
-        self.outbox = Outbox(self.transport, self.log, tracer)
+        self.outbox = Outbox(self.transport, self.log)
+        #: logs (-v) and traces (--trace) the session, if either is on (:mod:`vfiouser.observe`)
+        self.observer = observer_class(self, tracer) if observe.wanted(tracer) else None
         watch = watch or (lambda fd, callback: None)
         self.irqs = IrqState(port.irq_counts, watch=lambda fd: watch(fd, self.irqs.resampled),
                              unwatch=unwatch or (lambda fd: None), log=self.log)
@@ -94,10 +100,15 @@ class Session:
         self.requester = DmaRequester(self.outbox, self.dma_maps, port, self.log,
                                       max_xfer=self.caps.max_data_xfer_size)
         self.dispatcher = Dispatcher(self, CommandHandlers(self))
-        self.outbox.on_trace_stopped = self.dispatcher.refresh
         self._released = False
         self._batch = port.batch()  # reusable: one per session, entered once per wake-up
-        port.attach(self.irqs, self.requester)
+        sink, dma = self.irqs, self.requester
+        if self.observer is not None:
+            self.outbox.observer = self.observer
+            self.observer.on_trace_stopped = self._trace_stopped
+            self.observer.start()
+            sink, dma = self.observer.wrap(sink, dma)
+        port.attach(sink, dma)
 
     @property
     def running(self) -> bool:
@@ -106,6 +117,13 @@ class Session:
     @property
     def tracer(self):
         return self.outbox.tracer
+
+    def _trace_stopped(self) -> None:
+        """The trace failed: without a log to write either, the observer goes and the fast path
+        comes back."""
+        if self.observer is not None and not self.observer.verbose:
+            self.outbox.observer = None
+        self.dispatcher.refresh()
 
     def _set_state(self, new: SessionState, why: str = "") -> None:
         """The one place the state changes; every transition is logged."""
@@ -203,6 +221,9 @@ class Session:
         if self._released:
             return
         self._released = True
+        observer = self.observer
+        if observer is not None:
+            observer.closing()
         self.requester.close()
         try:
             self.port.detach()
@@ -214,3 +235,6 @@ class Session:
             self.port.reset(ResetReason.CLIENT_LOST)
         except BaseException:  # a broken model must not take the server with it
             self.log.exception("the device failed to reset after its client left")
+        finally:
+            if observer is not None:
+                observer.stop()

@@ -188,6 +188,34 @@ class Transport:
             return self._frames()  # nothing new; bytes given at construction may still hold messages
         except OSError as exc:
             raise ConnectionClosed(f"receive failed: {exc}") from exc
+        return self._took(n, ancdata, msg_flags)
+
+    @property
+    def drained(self) -> bool:
+        """Nothing received is waiting to be framed, and no fds are held for a message."""
+        return (self._start == self._end and not self._fd_chunks and self.framing_error is None
+                and not self.abandoned)
+
+    def feed(self, data: bytes, ancdata=(), msg_flags: int = 0) -> list[Frame]:
+        """Bytes (and the control data that came with them) that someone else received from this
+        socket for us (the C serving loop, :mod:`vfiouser._fastloop`): framed exactly as if
+        :meth:`receive` had read them. Returns the complete messages."""
+        if self.framing_error is not None:
+            raise self.framing_error
+        if self._start == self._end:
+            self._base += self._start
+            self._start = self._end = 0
+        if len(self._buf) - self._end < len(data):
+            self._make_room()
+            if len(self._buf) - self._end < len(data):
+                new = bytearray(self._end + len(data))
+                new[: self._end] = self._buf[: self._end]
+                self._buf, self._view = new, memoryview(new)
+        self._buf[self._end : self._end + len(data)] = data
+        return self._took(len(data), list(ancdata or ()), msg_flags)
+
+    def _took(self, n: int, ancdata, msg_flags: int) -> list[Frame]:
+        """Frame the ``n`` bytes just placed at ``_end`` (with their control data)."""
         if n and not ancdata and not msg_flags & _MSG_CTRUNC and not self._fd_chunks:
             # The usual case: bytes, no fds. Frame every whole message here (no second call).
             end = self._end = self._end + n

@@ -10,7 +10,8 @@ the guest may change:
 * ``stickymask``: bits a reset leaves alone (PCI's sticky RWS/RW1CS bits).
 
 Writes go through :meth:`ConfigSpace.write`, which applies the masks byte by
-byte and then calls the *write hooks* registered on the touched registers
+byte with the register layer's write engine
+(:func:`vfiouser.devices.regs.apply_write`, the one BAR registers use) and then calls the *write hooks* registered on the touched registers
 (the command register, capabilities, ...). The device model and the framework
 change read-only bits directly with the ``set_*`` methods.
 
@@ -26,6 +27,7 @@ change read-only bits directly with the ``set_*`` methods.
 from __future__ import annotations
 
 from vfiouser.devices.errors import DefinitionError
+from vfiouser.devices.regs.access import apply_write
 
 import struct
 from collections.abc import Callable, Iterator
@@ -257,8 +259,7 @@ class ConfigSpace:
         data, wmask, w1c = self.data, self.wmask, self.w1cmask
         for i in range(n):
             pos = offset + i
-            v = value[i]
-            data[pos] = ((data[pos] & ~wmask[pos]) | (v & wmask[pos])) & ~(v & w1c[pos]) & 0xFF
+            data[pos] = apply_write(data[pos], value[i], 0xFF, wmask[pos], w1c[pos])
         end = offset + n
         for start, size, hook in self._hooks:
             if start < end and offset < start + size:

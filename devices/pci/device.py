@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 
 from vfiouser.devices.errors import DefinitionError, DeviceUsageError
 from vfiouser.devices.port import InterruptSink, RegionInfo, RegionKind, ResetReason, ResetType
@@ -47,6 +46,7 @@ from vfiouser.iomgr import CowIoManager, DeviceIo, NoDevice
 
 from .bars import Bar, BarError, RomBar
 from .dma import Dma
+from .lock import DeviceLock
 from .msi import MsiCapability, MsixCapability
 from .worker import DeviceWorker
 from .config import (
@@ -163,7 +163,9 @@ class PciDevice(DeviceIo):
     power_cycle_on_disconnect: bool = True
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        #: Held by every call a backend makes into the model; take it around state you change
+        #: from elsewhere. A reentrant lock (:class:`~vfiouser.devices.pci.lock.DeviceLock`).
+        self.lock = DeviceLock()
         self.log = logging.getLogger(f"{type(self).__module__}.{type(self).__name__}")
         self.config = ConfigSpace(self.config_size)
         self.io = CowIoManager()
@@ -425,6 +427,27 @@ class PciDevice(DeviceIo):
         else:
             seen.add(key)
             self.log.warning(message, *args)
+
+    def register_names(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """Model hook for logs and traces: the names of the registers (and fields) that an
+        access of ``size`` bytes at ``offset`` of BAR ``index`` reaches, comma-separated
+        (``"status"``, ``"doorbell (ring 3)"``); ``""`` for none. Called without the device
+        lock; it must not change the device. Config space and the MSI-X table and PBA are
+        named by the framework. Default: the registers and fields of a
+        :class:`~vfiouser.devices.regs.RegisterBlock` mapped on the BAR
+        (``"edu.status (computing)"``); nothing elsewhere."""
+        from vfiouser.devices.regs import RegisterBlock
+
+        bar = self.bars.get(index)
+        if bar is None:
+            return ""
+        for block_off, block_size, handler in bar.mappings:
+            if isinstance(handler, RegisterBlock) and block_off <= offset < block_off + block_size:
+                names = handler.describe(offset - block_off, size, write=write)
+                if names:
+                    prefix = f"{handler.name}." if handler.name else ""
+                    return f"{prefix}{names}"
+        return ""
 
     # -- config space hooks (override for device-specific registers) -------------
 

@@ -37,6 +37,8 @@ from vfiouser.iomgr import NoDevice
 
 from .dma import NO_BACKEND
 from .device import CONFIG_REGION, NO_SINK, ROM_REGION, PciDevice
+from .activity import PciActivity
+from .names import AccessNames
 
 __all__ = ["PciPort"]
 
@@ -59,6 +61,8 @@ class PciPort(DevicePort):
         self._table = tuple(self._route(r) for r in self._regions)
         self._count = len(self._table)
         self._lock = device.lock
+        self._names: AccessNames | None = None
+        self._activity: PciActivity | None = None
 
     def _route(self, region: RegionInfo) -> tuple:
         device = self.device
@@ -83,6 +87,25 @@ class PciPort(DevicePort):
 
     def describe(self) -> str:
         return repr(self.device)
+
+    @property
+    def activity(self) -> PciActivity:
+        """The device's deferred tasks and lock, for backends that record or replay sessions."""
+        if self._activity is None:
+            self._activity = PciActivity(self.device)
+        return self._activity
+
+    def describe_access(self, index: int, offset: int, size: int, *, write: bool = False) -> str:
+        """Config registers and capability fields by name, the MSI-X table and PBA, and in the
+        BARs whatever the model's :meth:`~vfiouser.devices.pci.PciDevice.register_names` says
+        (:mod:`vfiouser.devices.pci.names`)."""
+        try:
+            names = self._names
+            if names is None:
+                names = self._names = AccessNames(self.device)
+            return names.describe(index, offset, size, write=write)
+        except Exception:  # a log line must never fail
+            return ""
 
     # -- access (the hot path) ---------------------------------------------------
 

@@ -14,6 +14,12 @@ goes on. A task must return: the device's later tasks wait behind it. One that
 runs longer than :attr:`DeviceWorker.stall_after` seconds is reported (a
 warning, and :attr:`DeviceWorker.stalled` while it lasts) by a watchdog
 thread that sleeps whenever no task runs.
+
+For backends that record or replay a session (see
+:mod:`vfiouser.devices.pci.activity`): a :attr:`DeviceWorker.watcher` is told
+when each task starts and finishes (on the worker thread), and in *stepping*
+mode (:meth:`DeviceWorker.set_stepping`) tasks run only when
+:meth:`DeviceWorker.start_next` says, whatever their delay.
 """
 
 from __future__ import annotations
@@ -59,6 +65,16 @@ class DeviceWorker:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._stopping = False
+        #: told ``task_started(name)`` and ``task_finished(name, error)`` on the worker thread, if set
+        self.watcher = None
+        self._stepping = False
+        self._chosen: tuple | None = None  # stepping: the heap entry start_next picked
+
+    @staticmethod
+    def task_name(fn) -> str:
+        """How a task is named in logs and traces: its qualified name (``Edu._run_dma``)."""
+        return getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None) \
+            or type(fn).__name__
 
     def submit(self, fn, *args, delay: float = 0.0) -> None:
         """Run ``fn(*args)`` on the worker, ``delay`` seconds from now (or from release, if held)."""
@@ -125,23 +141,37 @@ class DeviceWorker:
                     if self._stopping:
                         return
                     now = time.monotonic()
-                    if self._tasks and self._tasks[0][0] <= now:
+                    if self._stepping:
+                        entry, self._chosen = self._chosen, None
+                        if entry is None:
+                            self._cond.wait()
+                            continue
+                        _, _, epoch, fn, args = entry
+                    elif self._tasks and self._tasks[0][0] <= now:
                         _, _, epoch, fn, args = heapq.heappop(self._tasks)
-                        if epoch != self.epoch:
-                            continue  # from before a reset
+                    else:
+                        self._cond.wait(self._tasks[0][0] - now if self._tasks else None)
+                        continue
+                    if epoch == self.epoch:
                         self._running_epoch = epoch
                         self._busy = True
                         self._task_seq += 1
                         self._task = (self._task_seq, time.monotonic(), fn)
-                        if self._watchdog_idle:
-                            self._cond.notify_all()
+                        self._cond.notify_all()  # the watchdog, and start_next waiting for the start
                         break
-                    self._cond.wait(self._tasks[0][0] - now if self._tasks else None)
+                    # from before a reset: dropped
+            watcher = self.watcher
+            error = None
+            if watcher is not None:
+                watcher.task_started(self.task_name(fn))
             try:
                 fn(*args)
-            except BaseException:  # SystemExit and friends too: a task never ends the worker
+            except BaseException as exc:  # SystemExit and friends too: a task never ends the worker
+                error = exc
                 log.exception("deferred task %r of %s failed", fn, self.name)
             finally:
+                if watcher is not None:
+                    watcher.task_finished(self.task_name(fn), error)
                 with self._cond:
                     self._busy = False
                     self._task = None
@@ -171,6 +201,48 @@ class DeviceWorker:
                 log.warning("deferred task %r of %s finished after %.1f s", fn, self.name,
                             time.monotonic() - started)
                 self.stalled = None
+
+    # -- stepping (replay) -----------------------------------------------------------------
+
+    def set_stepping(self, on: bool) -> None:
+        """In stepping mode a task runs only when :meth:`start_next` picks it (its delay is
+        ignored); turning it off lets the waiting tasks run as usual."""
+        with self._cond:
+            self._stepping = on
+            if not on and self._chosen is not None:
+                heapq.heappush(self._tasks, self._chosen)
+                self._chosen = None
+            self._cond.notify_all()
+
+    def start_next(self, name: str | None = None, timeout: float = 5.0) -> bool:
+        """Stepping mode: start the oldest waiting task (the oldest named ``name``, if given) and
+        return once it runs; False if there is none (tasks held by a batch are not waiting yet)."""
+        with self._cond:
+            waiting = sorted(t for t in self._tasks if t[2] == self.epoch)
+            waiting.sort(key=lambda t: t[1])  # submission order, whatever the delays
+            entry = next((t for t in waiting if name is None or self.task_name(t[3]) == name), None)
+            if entry is None:
+                return False
+            self._tasks.remove(entry)
+            heapq.heapify(self._tasks)
+            self._chosen = entry
+            started = self._task_seq
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            deadline = time.monotonic() + timeout
+            while self._task_seq == started and self._chosen is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def waiting_tasks(self) -> list[str]:
+        """The names of the tasks waiting to run (not held, not running), oldest first."""
+        with self._cond:
+            return [self.task_name(t[3]) for t in sorted(self._tasks, key=lambda t: t[1]) if t[2] == self.epoch]
 
     def idle(self) -> bool:
         """No task queued, held or running."""
@@ -206,10 +278,11 @@ class DeviceWorker:
         """Drop the tasks that have not started (a reset); returns how many. A running task
         finishes, but what it submits from now on is dropped too."""
         with self._cond:
-            dropped = len(self._tasks) + len(self._held)
+            dropped = len(self._tasks) + len(self._held) + (self._chosen is not None)
             self.epoch += 1
             self._tasks.clear()
             self._held.clear()
+            self._chosen = None
             self._cond.notify_all()
             return dropped
 

@@ -21,31 +21,34 @@ BARs
     plus the PCI configuration access window (type 5) the specification asks
     devices to offer.
 
-Common configuration (BAR4 + 0, little-endian)
+Common configuration (BAR4 + 0, little-endian; accesses of any width reach the
+bytes they cover, bytes past 0x40 read 0). The ``queue_*`` registers show the
+queue ``queue_select`` names (all 0, vector 0xffff, for a queue that does not
+exist). This table is ``COMMON_CFG_REGS.markdown()``, checked by
+tests/test_regs_models.py:
 
-    ======  ==============================  ==========================================
-    offset  field                           behaviour
-    ======  ==============================  ==========================================
-    0x00    device_feature_select (32)      which 32 bits 0x04 shows
-    0x04    device_feature (32, RO)         offered features (VERSION_1 always)
-    0x08    driver_feature_select (32)      which 32 bits 0x0c sets
-    0x0c    driver_feature (32)             accepted features
-    0x10    config_msix_vector (16)         reads back 0xffff if the vector does not exist
-    0x12    num_queues (16, RO)
-    0x14    device_status (8)               0 resets; FEATURES_OK only sticks if the
-                                            accepted features are offered ones and
-                                            include VERSION_1
-    0x15    config_generation (8, RO)
-    0x16    queue_select (16)
-    0x18    queue_size (16)                 maximum at reset; 0 for a queue that does
-                                            not exist
-    0x1a    queue_msix_vector (16)          as config_msix_vector
-    0x1c    queue_enable (16)               1 enables the selected queue
-    0x1e    queue_notify_off (16, RO)       = the queue index
-    0x20    queue_desc (64)                 descriptor table address
-    0x28    queue_driver (64)               available ring address
-    0x30    queue_device (64)               used ring address
-    ======  ==============================  ==========================================
+| offset | register | bits | access | reset | description |
+| --- | --- | --- | --- | --- | --- |
+| 0x00 | device_feature_select | 31:0 | RW | 0x0 | which 32 bits device_feature shows |
+| 0x04 | device_feature | 31:0 | RO | 0x0 | offered features (VERSION_1 always) |
+| 0x08 | driver_feature_select | 31:0 | RW | 0x0 | which 32 bits driver_feature sets |
+| 0x0c | driver_feature | 31:0 | RW | 0x0 | accepted features (fixed once FEATURES_OK is set) |
+| 0x10 | config_msix_vector | 15:0 | RW | 0xffff | configuration-change vector; reads back 0xffff if the vector does not exist |
+| 0x12 | num_queues | 15:0 | RO | 0x0 | number of queues |
+| 0x14 | device_status | 7:0 | RW | 0x0 | 0 resets; FEATURES_OK only sticks if the accepted features are offered ones and include VERSION_1 |
+| 0x15 | config_generation | 7:0 | RO | 0x0 | changes when the device configuration does |
+| 0x16 | queue_select | 15:0 | RW | 0x0 | the queue the queue_* registers show |
+| 0x18 | queue_size | 15:0 | RW | 0x0 | maximum at reset; a power of two up to it, while the queue is off |
+| 0x1a | queue_msix_vector | 15:0 | RW | 0x0 | as config_msix_vector |
+| 0x1c | queue_enable | 15:0 | RW | 0x0 | 1 enables the selected queue |
+| 0x1e | queue_notify_off | 15:0 | RO | 0x0 | = the queue index |
+| 0x20 | queue_desc | 63:0 | RW | 0x0 | descriptor table address (while the queue is off) |
+| 0x28 | queue_driver | 63:0 | RW | 0x0 | available ring address (while the queue is off) |
+| 0x30 | queue_device | 63:0 | RW | 0x0 | used ring address (while the queue is off) |
+| 0x38 | queue_notify_data | 15:0 | RO | 0x0 | not offered: 0 |
+| 0x3a | queue_reset | 15:0 | RO | 0x0 | not offered: 0 |
+| 0x3c | admin_queue_index | 15:0 | RO | 0x0 | no admin queue: 0 |
+| 0x3e | admin_queue_num | 15:0 | RO | 0x0 | no admin queue: 0 |
 
 A write to queue *n*'s notification address (posted) wakes the device, which
 processes the queue in deferred work (it reads guest memory). Used buffers are
@@ -62,12 +65,14 @@ from __future__ import annotations
 import struct
 
 from vfiouser.devices.pci import INTA, MemoryBar, PciDevice, PCI_CAP_ID_VNDR, ResetType
+from vfiouser.devices.regs import RO, Register, RegisterMap, before_write, on_write
 from vfiouser.iomgr import DeviceIo
 
 from .queue import NO_VECTOR, SplitQueue
 
 __all__ = [
     "VirtioPciDevice",
+    "COMMON_CFG_REGS",
     "VIRTIO_F_VERSION_1",
     "STATUS_ACKNOWLEDGE",
     "STATUS_DRIVER",
@@ -95,29 +100,47 @@ REGION_SIZE = 0x1000
 NOTIFY_MULTIPLIER = 4
 COMMON_SIZE = 0x40  # through admin_queue_num; bytes beyond read 0
 
-# Common configuration fields: offset -> (name, size, writable)
-_COMMON_FIELDS = {
-    0x00: ("device_feature_select", 4, True),
-    0x04: ("device_feature", 4, False),
-    0x08: ("driver_feature_select", 4, True),
-    0x0C: ("driver_feature", 4, True),
-    0x10: ("config_msix_vector", 2, True),
-    0x12: ("num_queues", 2, False),
-    0x14: ("device_status", 1, True),
-    0x15: ("config_generation", 1, False),
-    0x16: ("queue_select", 2, True),
-    0x18: ("queue_size", 2, True),
-    0x1A: ("queue_msix_vector", 2, True),
-    0x1C: ("queue_enable", 2, True),
-    0x1E: ("queue_notify_off", 2, False),
-    0x20: ("queue_desc", 8, True),
-    0x28: ("queue_driver", 8, True),
-    0x30: ("queue_device", 8, True),
-    0x38: ("queue_notify_data", 2, False),
-    0x3A: ("queue_reset", 2, False),
-    0x3C: ("admin_queue_index", 2, False),
-    0x3E: ("admin_queue_num", 2, False),
-}
+U32 = 0xFFFF_FFFF
+
+COMMON_CFG_REGS = RegisterMap([
+    Register("device_feature_select", 0x00, 32, doc="which 32 bits device_feature shows"),
+    Register("device_feature", 0x04, 32, sw=RO, doc="offered features (VERSION_1 always)"),
+    Register("driver_feature_select", 0x08, 32, doc="which 32 bits driver_feature sets"),
+    Register("driver_feature", 0x0C, 32, doc="accepted features (fixed once FEATURES_OK is set)"),
+    Register("config_msix_vector", 0x10, 16, reset=NO_VECTOR,
+             doc="configuration-change vector; reads back 0xffff if the vector does not exist"),
+    Register("num_queues", 0x12, 16, sw=RO, doc="number of queues"),
+    Register("device_status", 0x14, 8, doc="0 resets; FEATURES_OK only sticks if the accepted features "
+                                           "are offered ones and include VERSION_1"),
+    Register("config_generation", 0x15, 8, sw=RO, doc="changes when the device configuration does"),
+    Register("queue_select", 0x16, 16, doc="the queue the queue_* registers show"),
+    Register("queue_size", 0x18, 16, doc="maximum at reset; a power of two up to it, while the queue is off"),
+    Register("queue_msix_vector", 0x1A, 16, doc="as config_msix_vector"),
+    Register("queue_enable", 0x1C, 16, doc="1 enables the selected queue"),
+    Register("queue_notify_off", 0x1E, 16, sw=RO, doc="= the queue index"),
+    Register("queue_desc", 0x20, 64, doc="descriptor table address (while the queue is off)"),
+    Register("queue_driver", 0x28, 64, doc="available ring address (while the queue is off)"),
+    Register("queue_device", 0x30, 64, doc="used ring address (while the queue is off)"),
+    Register("queue_notify_data", 0x38, 16, sw=RO, doc="not offered: 0"),
+    Register("queue_reset", 0x3A, 16, sw=RO, doc="not offered: 0"),
+    Register("admin_queue_index", 0x3C, 16, sw=RO, doc="no admin queue: 0"),
+    Register("admin_queue_num", 0x3E, 16, sw=RO, doc="no admin queue: 0"),
+], name="virtio common configuration", size=COMMON_SIZE)
+
+#: The queue_* registers and the SplitQueue attribute each shows.
+_QUEUE_VIEW = {"queue_size": "size", "queue_msix_vector": "msix_vector", "queue_enable": "enabled",
+               "queue_notify_off": "index", "queue_desc": "desc", "queue_driver": "driver", "queue_device": "used"}
+
+
+def _register_value(name: str, doc: str) -> property:
+    """A transport attribute that is a common-configuration register's storage."""
+    def get(self) -> int:
+        return getattr(self.common, name).value
+
+    def put(self, value: int) -> None:
+        getattr(self.common, name).value = value
+
+    return property(get, put, doc=doc)
 
 
 class _Handler(DeviceIo):
@@ -160,8 +183,10 @@ class VirtioPciDevice(PciDevice):
         super().__init__()
         self.queues = [SplitQueue(self, i, size) for i, size in enumerate(self.queue_sizes)]
         self.offered_features = self.device_features | VIRTIO_F_VERSION_1
+        #: The common configuration's registers (behaviour in the hooks below).
+        self.common = COMMON_CFG_REGS.instantiate(self)
         bar4 = self.add_bar(VIRTIO_BAR, MemoryBar(0x4000, bits=64, prefetchable=True))
-        bar4.map(_Handler(self._common_read, self._common_write), COMMON_OFF, REGION_SIZE)
+        bar4.map(self.common, COMMON_OFF, REGION_SIZE)
         bar4.map(_Handler(self._isr_read, lambda off, data: None), ISR_OFF, REGION_SIZE)
         if self.device_config_size:
             bar4.map(_Handler(self._devcfg_read, self._devcfg_write), DEVICE_OFF, REGION_SIZE)
@@ -192,18 +217,19 @@ class VirtioPciDevice(PciDevice):
 
     # -- state -----------------------------------------------------------------------------
 
+    status = _register_value("device_status", "The device status the driver set (and NEEDS_RESET).")
+    queue_select = _register_value("queue_select", "The queue the queue_* registers show.")
+    config_msix_vector = _register_value("config_msix_vector", "The configuration-change MSI-X vector.")
+    config_generation = _register_value("config_generation", "The configuration generation.")
+
     def _virtio_reset(self) -> None:
-        self.status = 0
+        self.common.reset()
         self.isr = 0
-        self.device_feature_select = 0
-        self.driver_feature_select = 0
         self.driver_features = 0
-        self.queue_select = 0
-        self.config_msix_vector = NO_VECTOR
-        self.config_generation = 0
         self.generation = getattr(self, "generation", 0) + 1  # deferred work from before a reset stops
         for q in self.queues:
             q.reset()
+        self._show_state()
         if self.interrupt_pin and self.intx_level:
             self.lower_intx()
 
@@ -218,96 +244,90 @@ class VirtioPciDevice(PciDevice):
     def _selected(self) -> SplitQueue | None:
         return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
 
-    # -- common configuration --------------------------------------------------------------
+    # -- common configuration ------------------------------------------------------------
 
-    def _field(self, name: str) -> int:
+    def _show_state(self) -> None:
+        """Load the registers that show state kept elsewhere (the offered and accepted
+        features, the queue count, the selected queue) with what they show now."""
+        regs = self.common
+        select = regs.device_feature_select.value
+        regs.device_feature.value = (self.offered_features >> (32 * select)) & U32 if select < 2 else 0
+        select = regs.driver_feature_select.value
+        regs.driver_feature.value = (self.driver_features >> (32 * select)) & U32 if select < 2 else 0
+        regs.num_queues.value = len(self.queues)
         q = self._selected()
-        if name == "device_feature":
-            return (self.offered_features >> (32 * self.device_feature_select)) & 0xFFFF_FFFF \
-                if self.device_feature_select < 2 else 0
-        if name == "driver_feature":
-            return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFF_FFFF \
-                if self.driver_feature_select < 2 else 0
-        if name == "num_queues":
-            return len(self.queues)
-        if name == "device_status":
-            return self.status
-        if name.startswith("queue_") and name not in ("queue_select",):
-            if q is None:
-                return NO_VECTOR if name == "queue_msix_vector" else 0
-            return {"queue_size": q.size, "queue_msix_vector": q.msix_vector, "queue_enable": int(q.enabled),
-                    "queue_notify_off": q.index, "queue_desc": q.desc, "queue_driver": q.driver,
-                    "queue_device": q.used}.get(name, 0)
-        return getattr(self, name, 0)
+        for name, attr in _QUEUE_VIEW.items():
+            regs.reg(name).value = int(getattr(q, attr)) if q is not None else 0
+        if q is None:
+            regs.queue_msix_vector.value = NO_VECTOR
 
-    def _common_read(self, offset: int, data) -> None:
-        image = bytearray(COMMON_SIZE)
-        for off, (name, size, _) in _COMMON_FIELDS.items():
-            image[off : off + size] = self._field(name).to_bytes(size, "little")
-        for i in range(len(data)):
-            pos = offset + i
-            data[i] = image[pos] if pos < COMMON_SIZE else 0
+    @on_write("device_feature_select")
+    @on_write("driver_feature_select")
+    @on_write("queue_select")
+    def _selected_other(self, reg, value: int) -> None:
+        self._show_state()
 
-    def _common_write(self, offset: int, data) -> None:
-        end = offset + len(data)
-        for off, (name, size, writable) in _COMMON_FIELDS.items():
-            if not writable or off >= end or off + size <= offset:
-                continue
-            value = bytearray(self._field(name).to_bytes(size, "little"))
-            for pos in range(max(off, offset), min(off + size, end)):
-                value[pos - off] = data[pos - offset]
-            self._set_field(name, int.from_bytes(value, "little"))
+    @on_write("driver_feature")
+    def _driver_feature(self, reg, value: int) -> None:
+        select = self.common.driver_feature_select.value
+        if select < 2 and not self.status & STATUS_FEATURES_OK:
+            shift = 32 * select
+            self.driver_features = self.driver_features & ~(U32 << shift) | value << shift
+        self._show_state()
 
-    def _set_field(self, name: str, value: int) -> None:
-        q = self._selected()
-        if name == "device_feature_select":
-            self.device_feature_select = value
-        elif name == "driver_feature_select":
-            self.driver_feature_select = value
-        elif name == "driver_feature":
-            if self.driver_feature_select < 2 and not self.status & STATUS_FEATURES_OK:
-                shift = 32 * self.driver_feature_select
-                self.driver_features = self.driver_features & ~(0xFFFF_FFFF << shift) | value << shift
-        elif name == "config_msix_vector":
-            self.config_msix_vector = self._valid_vector(value)
-        elif name == "device_status":
-            self._set_status(value)
-        elif name == "queue_select":
-            self.queue_select = value
-        elif q is None:
-            return
-        elif name == "queue_size":
-            if not q.enabled and value and value <= q.max_size and not value & (value - 1):
-                q.size = value
-        elif name == "queue_msix_vector":
-            q.msix_vector = self._valid_vector(value)
-        elif name == "queue_enable":
-            if value == 1:
-                q.enabled = True
-                self.log.debug("queue %d enabled: size %d desc %#x avail %#x used %#x", q.index, q.size, q.desc,
-                               q.driver, q.used)
-        elif name in ("queue_desc", "queue_driver", "queue_device") and not q.enabled:
-            setattr(q, {"queue_desc": "desc", "queue_driver": "driver", "queue_device": "used"}[name], value)
+    @before_write("config_msix_vector")
+    def _config_vector(self, reg, value: int) -> int:
+        return self._valid_vector(value)
 
-    def _valid_vector(self, vector: int) -> int:
-        return vector if self.msix is not None and vector < self.msix.vectors else NO_VECTOR
-
-    def _set_status(self, value: int) -> None:
+    @before_write("device_status")
+    def _device_status(self, reg, value: int) -> int | None:
         if value == 0:
             self.log.debug("virtio reset by the driver")
             self._virtio_reset()
-            return
+            return None
         if value & STATUS_FEATURES_OK and not self.status & STATUS_FEATURES_OK:
             unknown = self.driver_features & ~self.offered_features
             if unknown or not self.driver_features & VIRTIO_F_VERSION_1:
                 self.log.warning("driver accepted features %#x (offered %#x): FEATURES_OK refused",
                                  self.driver_features, self.offered_features)
                 value &= ~STATUS_FEATURES_OK
-        self.status = value
+        return value
+
+    @on_write("device_status")
+    def _device_status_set(self, reg, value: int) -> None:
         if self.driver_ok:
             for q in self.queues:
                 if q.enabled:
                     self.defer(self._kick, q.index, self.generation)  # buffers offered before DRIVER_OK
+
+    @on_write("queue_size")
+    @on_write("queue_msix_vector")
+    @on_write("queue_enable")
+    @on_write("queue_desc")
+    @on_write("queue_driver")
+    @on_write("queue_device")
+    def _queue_register(self, reg, value: int) -> None:
+        q = self._selected()
+        if q is not None:
+            name = reg.name
+            if name == "queue_msix_vector":
+                q.msix_vector = self._valid_vector(value)
+            elif name == "queue_enable":
+                if value == 1:
+                    q.enabled = True
+                    self.log.debug("queue %d enabled: size %d desc %#x avail %#x used %#x", q.index, q.size,
+                                   q.desc, q.driver, q.used)
+            elif q.enabled:
+                pass  # size and ring addresses are fixed while the queue is on
+            elif name == "queue_size":
+                if value and value <= q.max_size and not value & (value - 1):
+                    q.size = value
+            else:
+                setattr(q, _QUEUE_VIEW[name], value)
+        self._show_state()  # what was refused reads back as it was
+
+    def _valid_vector(self, vector: int) -> int:
+        return vector if self.msix is not None and vector < self.msix.vectors else NO_VECTOR
 
     # -- ISR, notifications, device configuration ---------------------------------------------
 

@@ -27,14 +27,15 @@ setup_venv() {
         say "creating a virtual environment in $VENV ($("$py" --version))"
         "$py" -m venv "$VENV"
     fi
-    # Reinstall only when the packaging metadata changed (the install is editable).
+    # Reinstall only when the packaging metadata or the C extension changed (the install is
+    # editable: Python sources are used in place, the C loop is compiled at install time).
     stamp=$VENV/.vfiouser-installed
-    want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+    want=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vfiouser/_fastloop.c" | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        say "installing vfiouser and its test dependencies"
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" 2>&1 |
+        say "installing vfiouser, its test dependencies and SystemRDL support"
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,rdl]" 2>&1 |
             grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis' ||
+        "$VENV/bin/python" -c 'import vfiouser, construct, pytest, hypothesis, systemrdl, peakrdl_ipxact' ||
             { echo "installing vfiouser failed" >&2; return 1; }
         echo "$want" >"$stamp"
     fi

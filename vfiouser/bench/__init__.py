@@ -11,12 +11,13 @@ section         what
 ``mmap``        the mmap-able BAR area, and what losing posted writes costs
 ``protocol``    the server's own processing, ping-pong and pipelining without
                 QEMU (:mod:`.wire`)
-``dma``         DMA bandwidth, mmap and message mode (:mod:`.dmabw`)
+``dma``         DMA bandwidth, mmap and message mode, on both backends (:mod:`.dmabw`)
 ``writemulti``  REGION_WRITE_MULTI under a burst of posted writes (:mod:`.burst`)
 ``guest``       guest boot-to-driver-ready time and server RSS (:mod:`.boot`)
-``versus-c``    our idio16 next to libvfio-user's C ``gpio-pci-idio-16`` sample and a
-                minimal Python loop: trapped I/O through QEMU, ping-pong, pipelining,
-                each server's CPU time per message (:mod:`.versus_c`)
+``versus-c``    our idio16, on our engine and through libvfio-user, next to libvfio-user's
+                C ``gpio-pci-idio-16`` sample (the reference) and a minimal Python loop:
+                trapped I/O through QEMU, ping-pong, pipelining, each server's CPU time
+                per message (:mod:`.versus_c`)
 ``storage``     our NVMe and virtio-blk next to QEMU's own on one image, the same
                 guest jobs (sequential 1 MiB, random 4 KiB, direct I/O), and the
                 server's CPU time per request (:mod:`.storage`)
@@ -85,8 +86,8 @@ class Settings:
 
 def _unavailable_reason(exc: BaseException) -> str | None:
     """A reason text if ``exc`` means "cannot be measured here" rather than "broke"."""
-    from ..guest import GuestAssetsMissing
-    from ..qemu import QemuNotFound
+    from ..testing.guest import GuestAssetsMissing
+    from ..testing.qemu import QemuNotFound
     from .storage import IojobUnavailable
 
     if isinstance(exc, (QemuNotFound, GuestAssetsMissing, IojobUnavailable)):

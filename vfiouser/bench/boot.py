@@ -1,7 +1,7 @@
 """Guest boot-to-driver-ready time and the server's resident memory.
 
 ``vfiouser serve idio16`` runs as its own process (the command line, as a user
-runs it). A Debian guest (:class:`vfiouser.guest.Guest`, TCG here) boots with
+runs it). A Debian guest (:class:`vfiouser.testing.guest.Guest`, TCG here) boots with
 the card attached; its init loads ``gpio-pci-idio-16`` and the script reports
 as soon as the driver is bound. Times are host wall-clock seconds from QEMU's
 start. The server's RSS (``VmRSS`` from /proc) is read before QEMU attaches,
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from ..guest import READY_MARKER, Guest, GuestAssets, default_accel
+from ..testing.guest import READY_MARKER, Guest, GuestAssets, default_accel
 from .child import rss_kib
 
 __all__ = ["run"]

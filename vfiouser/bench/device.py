@@ -9,6 +9,10 @@ BAR1  256-byte I/O BAR: a register file of its own
 BAR2  4 KiB memory, *shared* (mmap-able, :meth:`vfiouser.devices.pci.MemoryBar.share`), only
       with ``mmap=True``; QEMU maps it into the guest and accesses never reach us
 BAR3  64 KiB memory: a write sink for bursts (memset), counting bytes
+BAR4  4 KiB memory: the same register file declared on the register layer
+      (:mod:`vfiouser.devices.regs`, 32-bit read-write registers at 0x000-0x0ff,
+      plus a status register with write-1-to-clear bits at 0x100); the bench sets
+      it beside the hand-decoded BAR0, the reference
 
 Control registers (BAR0):
 
@@ -29,12 +33,21 @@ from __future__ import annotations
 import time
 
 from vfiouser.devices.pci import IoBar, MemoryBar, PciDevice, PciPort
+from vfiouser.devices.regs import W1C, Field, Register, RegisterMap
 from vfiouser.iomgr import DeviceIo
 
-__all__ = ["BenchDevice", "STALL_MS", "BURST_BYTES",
-           "REGS_BAR", "IO_BAR", "SHARED_BAR", "BURST_BAR", "BURST_BAR_SIZE"]
+__all__ = ["BenchDevice", "STALL_MS", "BURST_BYTES", "BENCH_REGS", "REGS_STATUS",
+           "REGS_BAR", "IO_BAR", "SHARED_BAR", "BURST_BAR", "BURST_BAR_SIZE", "BLOCK_BAR"]
 
-REGS_BAR, IO_BAR, SHARED_BAR, BURST_BAR = 0, 1, 2, 3
+REGS_BAR, IO_BAR, SHARED_BAR, BURST_BAR, BLOCK_BAR = 0, 1, 2, 3, 4
+REGS_STATUS = 0x100
+
+#: BAR4: what BAR0's register file is, declared: 64 read-write registers, and a status
+#: register whose low byte is write-1-to-clear.
+BENCH_REGS = RegisterMap(
+    [Register(f"r{i}", 4 * i, 32) for i in range(64)]
+    + [Register("status", REGS_STATUS, 32, [Field("events", (7, 0), onwrite=W1C), Field("mode", (15, 8))])],
+    name="bench")
 BURST_BAR_SIZE = 0x10000
 STALL_MS = 0xF00
 BURST_BYTES = 0xF08
@@ -115,12 +128,14 @@ class BenchDevice(PciDevice):
         self.regs = RegisterFile(0x1000, self)
         self.io_regs = RegisterFile(0x100)
         self.burst = BurstSink()
-        self.region_accesses = [0] * 9
+        self.region_accesses = [0] * 9  # per region index
         self.add_bar(REGS_BAR, MemoryBar(0x1000)).map(self.regs)
         self.add_bar(IO_BAR, IoBar(0x100)).map(self.io_regs)
         self.shared: memoryview | None = None
         if mmap:
             self.shared = self.add_bar(SHARED_BAR, MemoryBar(0x1000)).share(0, None)
         self.add_bar(BURST_BAR, MemoryBar(BURST_BAR_SIZE)).map(self.burst)
+        self.block = BENCH_REGS.instantiate(self)
+        self.add_bar(BLOCK_BAR, MemoryBar(0x1000)).map(self.block)
 
     port_class = CountingPort

@@ -85,6 +85,11 @@ class Target:
     def burst(self) -> int:
         return self.mem + 0x1_0000
 
+    @property
+    def block(self) -> int:
+        """BAR4 of the bench device: its register file declared on the register layer."""
+        return self.mem + 0x2_0000
+
 
 TARGETS = {
     "floor": Target("floor", 5, 0, "pci-testdev (in QEMU)"),
@@ -115,7 +120,7 @@ class Case:
             text = f"{_IN[self.size]} {port:#x}" if self.op == "read" else \
                 f"{_OUT[self.size]} {port:#x} {_VALUE & ((1 << 8 * self.size) - 1):#x}"
         else:
-            addr = (target.shared if self.space == "shared" else target.mem) + OFFSET
+            addr = {"shared": target.shared, "block": target.block}.get(self.space, target.mem) + OFFSET
             text = f"{_READ[self.size]} {addr:#x}" if self.op == "read" else \
                 f"{_WRITE[self.size]} {addr:#x} {_VALUE & ((1 << 8 * self.size) - 1):#x}"
         return text.encode() + b"\n"
@@ -135,6 +140,8 @@ def latency_cases() -> list[Case]:
               for s in (1, 4, 8)]
     cases += [Case("memory BAR", "read", 4, "sync, write_multiple not advertised", "nowm", "mem"),
               Case("memory BAR", "write", 4, "posted, write_multiple not advertised", "nowm", "mem", posted=True)]
+    cases += [Case("register-layer BAR", "read", 4, "sync", "python", "block"),
+              Case("register-layer BAR", "write", 4, "posted", "python", "block", posted=True)]
     cases += [Case("I/O BAR", "read", 4, f"sync, server busy-polls {POLL_US} µs", "poll", "io"),
               Case("memory BAR", "read", 4, f"sync, server busy-polls {POLL_US} µs", "poll", "mem"),
               Case("memory BAR", "write", 4, f"posted, server busy-polls {POLL_US} µs", "poll", "mem", posted=True)]
@@ -200,6 +207,8 @@ class LatencyRig:
         vm.cfg_write(target.slot, 0x14, target.io)
         vm.cfg_write(target.slot, 0x18, target.shared)
         vm.cfg_write(target.slot, 0x1C, 0 if membar64 else target.burst)
+        if not membar64:
+            vm.cfg_write(target.slot, 0x20, target.block)
         vm.cfg_write(target.slot, 0x04, 0x0007, 2)
 
     def _check(self) -> None:
@@ -323,9 +332,9 @@ def verify_mmap_fast_path(rig: LatencyRig) -> dict:
 
 def threaded_harness(*, iterations: int, warmup: int, server_cpus=None) -> dict:
     """The 4-byte memory read on the floor and on the Python server, timed through
-    :class:`vfiouser.qemu.QtestMachine` (reader thread, qtest log on) as the test-suite drives
+    :class:`vfiouser.testing.qemu.QtestMachine` (reader thread, qtest log on) as the test-suite drives
     QEMU, to show what such a harness does to the ratio."""
-    from ..qemu import QtestMachine
+    from ..testing.qemu import QtestMachine
 
     directory = tempfile.mkdtemp(prefix="vfu-thr-")
     try:

@@ -9,8 +9,8 @@ import platform
 import subprocess
 
 from .. import __version__
-from ..guest import default_accel
-from ..qemu import QemuNotFound, find_qemu
+from ..testing.guest import default_accel
+from ..testing.qemu import QemuNotFound, find_qemu
 
 __all__ = ["describe_machine"]
 

@@ -1,6 +1,6 @@
 """A lean qtest client for timing: one blocking socket, no reader thread.
 
-:class:`vfiouser.qemu.QtestMachine` reads qtest answers on a thread and hands
+:class:`vfiouser.testing.qemu.QtestMachine` reads qtest answers on a thread and hands
 them over through a condition variable, which costs the same few microseconds
 on every access, in-QEMU device and vfio-user device alike, and so makes a
 slow device look closer to the floor than it is. :class:`LeanQtest` writes a
@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 
-from ..qemu import QemuError, find_qemu, machine_args, qtest_args
+from ..testing.qemu import QemuError, find_qemu, machine_args, qtest_args
 
 __all__ = ["LeanQtest", "cfg_address"]
 

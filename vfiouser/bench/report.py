@@ -12,7 +12,8 @@ import logging
 
 from .storage_report import storage_section, storage_targets
 
-__all__ = ["render_markdown", "write_plot", "targets", "versus_c_targets", "TARGET_RATIO", "TARGET_PROCESSING_US",
+__all__ = ["render_markdown", "write_plot", "targets", "versus_c_targets", "reference_rows", "dma_series",
+           "versus_c_series", "TARGET_RATIO", "TARGET_PROCESSING_US",
            "TARGET_PIPELINED", "TARGET_CPU_VS_LOOP", "TARGET_TRAPPED_VS_C"]
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 TARGET_RATIO = 7.1
 #: Server processing of a small REGION_READ/REGION_WRITE, in process.
 TARGET_PROCESSING_US = 3.0
+#: Server processing of a small REGION_READ/WRITE of a register declared on the register layer,
+#: over the hand-decoded register file's (issue 14).
+TARGET_REGS_RATIO = 1.25
 #: Pipelined small requests per second.
 TARGET_PIPELINED = 200_000
 #: Server CPU time per ping-pong message, ours over the minimal Python loop (C side by side).
@@ -37,7 +41,7 @@ SECTION_TITLES = {
     "dma": "4. DMA bandwidth",
     "writemulti": "5. REGION_WRITE_MULTI under a burst of posted writes",
     "guest": "6. Guest boot and server memory",
-    "versus-c": "7. Side by side with C: the idio16, libvfio-user's sample and a minimal Python loop",
+    "versus-c": "7. Side by side with C: the idio16 on both engines, libvfio-user's sample and a minimal Python loop",
     "storage": "8. Storage: NVMe and virtio-blk next to QEMU's own",
 }
 
@@ -115,6 +119,14 @@ def targets(results: dict) -> list[dict]:
         out.append({"target": f"server processing ≤ {TARGET_PROCESSING_US:g} µs per small REGION_READ/WRITE",
                     "measured": f"read {_us(proc['region_read_4'])} µs, write {_us(proc['region_write_4'])} µs",
                     "holds": worst <= TARGET_PROCESSING_US})
+        if "regs_region_read_4" in proc:
+            ratio = max(proc["regs_region_read_4"] / proc["region_read_4"],
+                        proc["regs_region_write_4"] / proc["region_write_4"])
+            out.append({"target": f"register layer: server processing ≤ {TARGET_REGS_RATIO:g}× the hand-decoded "
+                                  "register file's, per small REGION_READ/WRITE",
+                        "measured": f"read {_us(proc['regs_region_read_4'])} µs, write "
+                                    f"{_us(proc['regs_region_write_4'])} µs ({ratio:.2f}×)",
+                        "holds": ratio <= TARGET_REGS_RATIO})
     else:
         out.append({"target": f"server processing ≤ {TARGET_PROCESSING_US:g} µs per small REGION_READ/WRITE",
                     "measured": "not measured", "holds": None})
@@ -341,6 +353,16 @@ def _protocol_section(results: dict) -> list[str]:
         ["`Session.on_readable` with 256 REGION_READs waiting (framing, dispatch, batched reply send), per message",
          _us(proc["on_readable_read_4_batch256"])],
     ]
+    if "regs_region_read_4" in proc:
+        rows += [
+            ["REGION_READ, 4 bytes, BAR4: a register declared on the register layer", _us(proc["regs_region_read_4"])],
+            ["REGION_WRITE, 4 bytes, BAR4 (with reply)", _us(proc["regs_region_write_4"])],
+            ["REGION_WRITE, 4 bytes, BAR4, posted (NO_REPLY)", _us(proc["regs_region_write_4_posted"])],
+            ["REGION_WRITE, 4 bytes, BAR4, a register with write-1-to-clear and read-write fields",
+             _us(proc["regs_region_write_4_w1c"])],
+            ["of which the device model alone (`PciDevice.region_read` of BAR4, 4 bytes)",
+             _us(proc["regs_model_region_read_4"])],
+        ]
     lines += _table(["message", "µs"], rows)
     lines += ["", "Over a socket, against a server in its own process (4-byte REGION_READ of BAR0):", ""]
     srows = []
@@ -363,26 +385,51 @@ def _dma_section(results: dict) -> list[str]:
     if status:
         return lines + [status]
     dma = results["dma"]
+    lvu = dma.get("libvfio-user")
     lines += [
-        "A model's `self.dma.read`/`write` on a worker-like thread (never the server loop), QEMU under qtest. "
-        "*mmap*: guest RAM is a shared memfd (`QtestMachine(memfd=True)`), the server copies in place. "
+        "A model's `self.dma.read`/`write` on a worker-like thread (never the server loop), QEMU under qtest, the "
+        "same model served by each engine in turn: ours (`vfiouser.server.Server`) and libvfio-user "
+        "(`--backend libvfio-user`: the C library through ctypes). "
+        "*mmap*: guest RAM is a shared memfd (`QtestMachine(memfd=True)`), the server copies in place (ours with a "
+        "memory copy, libvfio-user with `vfu_sgl_read`/`vfu_sgl_write`). "
         "*message*: QEMU's default RAM, every transfer is DMA_READ/DMA_WRITE messages (reads in 32 KiB pieces). "
-        "MB/s = 10⁶ bytes per second, size over the median transfer time; the data are checked once per size.",
+        "MB/s = 10⁶ bytes per second, size over the median transfer time; the data are checked once per size, and "
+        "each mode checks that transfers go in place exactly when guest RAM is shared.",
+        "",
+        f"**C reference:** {dma.get('c_reference') or _DMA_NO_C}.",
         "",
     ]
-    by_size: dict[int, dict] = {}
+    if lvu is None:
+        lines += ["libvfio-user: not measured in this run.", ""]
+    elif "unavailable" in lvu:
+        lines += [f"**libvfio-user is not available, so no figures through it:** {lvu['unavailable']}", ""]
+    elif "error" in lvu:
+        lines += [f"**DMA through libvfio-user failed:** {lvu['error']}", ""]
+    elif lvu.get("library"):
+        lines += [f"libvfio-user: `{lvu['library']}`.", ""]
     for mode in ("mmap", "message"):
-        for row in dma.get(mode, []):
-            by_size.setdefault(row["size"], {})[mode] = row
-    rows = []
-    for size in sorted(by_size):
-        cells = [_size(size)]
-        for mode in ("mmap", "message"):
-            r = by_size[size].get(mode)
-            cells += [f"{r['read_MBps']:,.0f}", f"{r['write_MBps']:,.0f}"] if r else ["–", "–"]
-        rows.append(cells)
-    lines += _table(["transfer", "mmap read MB/s", "mmap write MB/s", "message read MB/s", "message write MB/s"], rows)
-    return lines
+        ours_rows = {r["size"]: r for r in dma.get(mode) or []}
+        lvu_rows = {r["size"]: r for r in (lvu or {}).get(mode) or []}
+        rows = []
+        for size in sorted(set(ours_rows) | set(lvu_rows)):
+            a, b = ours_rows.get(size), lvu_rows.get(size)
+            cells = [_size(size)]
+            for op in ("read", "write"):
+                key = f"{op}_MBps"
+                cells += [_mbps(a, key), _mbps(b, key), _over(b, a, key)]
+            rows.append(cells)
+        lines += [f"*{mode}* mode (libvfio-user × ours compares bandwidths: above 1 is faster):", ""]
+        lines += _table(["transfer", "read MB/s, ours", "read MB/s, libvfio-user", "libvfio-user × ours",
+                         "write MB/s, ours", "write MB/s, libvfio-user", "libvfio-user × ours"], rows)
+        lines += [""]
+    return lines[:-1]
+
+
+_DMA_NO_C = "not available: libvfio-user's C sample does no DMA"
+
+
+def _mbps(row: dict | None, key: str) -> str:
+    return "–" if not row or row.get(key) is None else f"{row[key]:,.0f}"
 
 
 def _size(size: int) -> str:
@@ -498,6 +545,63 @@ def _part_status(part: dict | None) -> str | None:
     return None
 
 
+#: The figures of the reference table taken from the wire part: (figure, part of the entry, field)
+_WIRE_FIGURES = (("ping-pong, µs per round trip", "ping_pong", "median"),
+                 ("ping-pong, server CPU µs per message", "ping_pong", "cpu_us_per_msg"),
+                 ("pipelined, REGION_READ/s", "pipelined", "rate"),
+                 ("pipelined, server CPU µs per message", "pipelined", "cpu_us_per_msg"))
+
+
+def reference_rows(vc: dict) -> list[dict]:
+    """Every figure of the versus-c section against the C sample, per placement: dicts with
+    ``placement``, ``figure``, ``c``, ``ours``, ``lvu`` (values, ``None`` if not measured) and
+    ``ours_x_c``, ``lvu_x_c`` (ratios, ``None`` without both figures). For rates a ratio above
+    1 is faster; for everything else it is slower or dearer."""
+    out = []
+
+    def add(placement: str, figure: str, values: dict) -> None:
+        c = values.get("c")
+        entry = {"placement": placement, "figure": figure, **values}
+        for key in ("ours", "lvu"):
+            v = values.get(key)
+            entry[f"{key}_x_c"] = v / c if v is not None and c else None
+        out.append(entry)
+
+    trapped = vc.get("trapped") or {}
+    for p in trapped.get("passes") or []:
+        for r in p["rows"]:
+            add(p["label"], f"trapped I/O {r['op']} {r['size']} B, µs",
+                {k: (r.get(k) or {}).get("median") for k in ("c", "ours", "lvu")})
+    wire = vc.get("wire") or {}
+    for p in wire.get("passes") or []:
+        for figure, kind, field in _WIRE_FIGURES:
+            add(p["label"], figure,
+                {k: ((p["servers"].get(k) or {}).get(kind) or {}).get(field) for k in ("c", "ours", "lvu")})
+    return out
+
+
+def _figure(value: float | None, figure: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if figure.endswith("/s") else _us(value)
+
+
+def _versus_c_reference(vc: dict) -> list[str]:
+    rows = reference_rows(vc)
+    lines = ["### Against the C reference", ""]
+    if not rows:
+        return lines + ["Nothing measured (see the parts below)."]
+    lines += ["Every figure of the two parts below, ours and ours through libvfio-user (`--backend libvfio-user`), "
+              "as a ratio to libvfio-user's C sample measured alongside (× C: above 1 is slower or dearer, except "
+              "for REGION_READ/s, where above 1 is faster). The C sample does no DMA: section 4 has no C reference.",
+              ""]
+    lines += _table(["server placement", "figure", "C", "ours", "× C", "ours through libvfio-user", "× C"],
+                    [[r["placement"], r["figure"], _figure(r["c"], r["figure"]), _figure(r["ours"], r["figure"]),
+                      _ratio(r["ours_x_c"]), _figure(r["lvu"], r["figure"]), _ratio(r["lvu_x_c"])] for r in rows],
+                    "ll" + "r" * 5)
+    return lines
+
+
 def _versus_c_trapped(vc: dict) -> list[str]:
     part = vc.get("trapped")
     lines = ["### Trapped I/O through QEMU", ""]
@@ -507,9 +611,10 @@ def _versus_c_trapped(vc: dict) -> list[str]:
     lines += [
         "One QEMU (`-accel qtest`, the lean client of section 1) holds QEMU's own `pci-testdev` (the floor: its "
         "256-byte I/O BAR1, handled in QEMU's process, accessed at offset 0x10), our idio16 served by "
-        f"`vfiouser serve idio16` (default settings), the same with `--poll-us {vc['poll_us']}`, and the C sample, "
-        "each server in its own process. Each access is one qtest `in`/`out` on BAR2 of the card; I/O writes are "
-        "not posted, so QEMU waits for every reply. All four devices are measured in alternating blocks after a "
+        "`vfiouser serve idio16` (default settings), the same through libvfio-user (`--backend libvfio-user`), "
+        f"the same with `--poll-us {vc['poll_us']}`, and the C sample, each server in its own process. Each access "
+        "is one qtest `in`/`out` on BAR2 of the card; I/O writes are not posted, so QEMU waits for every reply. "
+        "All the devices are measured in alternating blocks after a "
         f"warm-up: {vc['iterations']} samples per figure in {vc['rounds']} blocks. µs per access, median (p90 in "
         "brackets); each ratio uses figures measured alongside.",
         "",
@@ -520,12 +625,15 @@ def _versus_c_trapped(vc: dict) -> list[str]:
         lines += [f"{p['label'][:1].upper()}{p['label'][1:]}:", ""]
         rows = []
         for r in p["rows"]:
-            floor, c, ours, poll = r.get("floor"), r.get("c"), r.get("ours"), r.get("poll")
-            rows.append([f"I/O {r['op']} {r['size']} B (offset {r['offset']})", _us(floor["median"]), _cell(c),
-                         _over(c, floor), _cell(ours), _over(ours, floor), _over(ours, c), _cell(poll),
-                         _over(poll, floor), _over(poll, c)])
+            floor, c = r.get("floor"), r.get("c")
+            cells = [f"I/O {r['op']} {r['size']} B (offset {r['offset']})", _us(floor["median"]), _cell(c),
+                     _over(c, floor)]
+            for key in ("ours", "lvu", "poll"):
+                cells += [_cell(r.get(key)), _over(r.get(key), floor), _over(r.get(key), c)]
+            rows.append(cells)
         lines += _table(["access (BAR2)", "floor µs", "C µs", "C × floor", "ours µs", "× floor", "× C",
-                         f"ours `--poll-us {vc['poll_us']}` µs", "× floor", "× C"], rows, "l" + "r" * 9)
+                         "ours through libvfio-user µs", "× floor", "× C",
+                         f"ours `--poll-us {vc['poll_us']}` µs", "× floor", "× C"], rows, "l" + "r" * 12)
         lines += [""]
     return lines[:-1]
 
@@ -546,7 +654,8 @@ def _versus_c_wire(vc: dict) -> list[str]:
         "*Ping-pong*: one 1-byte REGION_READ of BAR2 offset 1 at a time (µs per round trip, median and p90). "
         "*Pipelined*: two batches of 256 such reads in flight (reads per second). The minimal Python loop "
         "(`vfiouser/bench/minimal.py`: blocking `recv_into`, one `struct` unpack per message, one `sendall` per "
-        "receive, no checks) is what Python itself costs; the servers run one after the other.",
+        "receive, no checks) is what Python itself costs; the servers run one after the other (ours, ours through "
+        "libvfio-user, C, the loop).",
         "",
         f"*Server CPU time* is the server process's `utime + stime` (every thread) from `/proc/PID/stat`, read "
         f"just before and just after the timed run, divided by the messages of the run. The kernel counts it in "
@@ -559,12 +668,12 @@ def _versus_c_wire(vc: dict) -> list[str]:
     ]
     for key, why in (part.get("missing") or {}).items():
         lines += [f"Not measured: {why}", ""]
-    names = {"ours": "ours", "c": "C", "loop": "minimal loop"}
+    names = {"ours": "ours", "lvu": "ours through libvfio-user", "c": "C", "loop": "minimal loop"}
     pp_rows, pl_rows = [], []
     for p in part["passes"]:
         servers = p["servers"]
         c, loop = servers.get("c"), servers.get("loop")
-        for key in ("ours", "c", "loop"):
+        for key in ("ours", "lvu", "c", "loop"):
             e = servers.get(key)
             if not e:
                 continue
@@ -604,11 +713,15 @@ def _versus_c_section(results: dict) -> list[str]:
         return lines + [status]
     vc = results["versus-c"]
     sample = vc.get("sample") or {}
+    library = vc.get("library")
     lines += [
-        "Three servers of the same card, the ACCES PCI-IDIO-16 (a 256-byte I/O BAR2; offset 1 reads inputs, "
+        "Servers of the same card, the ACCES PCI-IDIO-16 (a 256-byte I/O BAR2; offset 1 reads inputs, "
         "offset 0 takes outputs), each in its own process and started as a user starts it: ours "
-        "(`vfiouser serve idio16 --socket S`), libvfio-user's C sample (`gpio-pci-idio-16 S`, release build by "
-        "`scripts/get-libvfio-user`), and, without QEMU, a minimal Python loop. "
+        "(`vfiouser serve idio16 --socket S`), the same Python model served through libvfio-user "
+        "(`vfiouser serve idio16 --socket S --backend libvfio-user`, the C library through ctypes, the library the C "
+        "sample was built with), libvfio-user's C sample (`gpio-pci-idio-16 S`, release build by "
+        "`scripts/get-libvfio-user`), and, without QEMU, a minimal Python loop. **The C sample is the reference**: "
+        "every figure of ours and of ours through libvfio-user is given as a ratio to it. "
         f"Section time: {vc['duration_s']:.0f} s.",
         "",
     ]
@@ -617,15 +730,26 @@ def _versus_c_section(results: dict) -> list[str]:
     else:
         lines += [f"**The C sample is not available, so no C figures:** {sample.get('unavailable', 'not found')}. "
                   "`scripts/bench` builds it with `scripts/get-libvfio-user`.", ""]
+    if library is None:
+        lines += ["Ours through libvfio-user: not measured in this run.", ""]
+    elif library.get("path"):
+        lines += [f"libvfio-user (for `--backend libvfio-user`): `{library['path']}`.", ""]
+    else:
+        lines += [f"**libvfio-user is not available, so nothing through it:** "
+                  f"{library.get('unavailable', 'not found')}.", ""]
     checklist = versus_c_targets(results)
     lines += ["Targets:", ""]
     lines += _table(["target", "measured", "holds"],
                     [[t["target"], t["measured"], _holds(t["holds"])] for t in checklist], "llc")
-    lines += ["", *_versus_c_trapped(vc), "", *_versus_c_wire(vc), ""]
+    lines += ["", *_versus_c_reference(vc), "", *_versus_c_trapped(vc), "", *_versus_c_wire(vc), ""]
     lines += [
-        "* The C library does not advertise `write_multiple`; ours does by default, and with QEMU 11.1.3 that also "
-        "sends every message through QEMU's queue (section 1, *write_multiple not advertised*). The targets use "
-        "default settings on both sides.",
+        "* The C library does not advertise `write_multiple`, so neither does ours through libvfio-user; ours does "
+        "by default, and with QEMU 11.1.3 that also sends every message through QEMU's queue (section 1, "
+        "*write_multiple not advertised*). The targets use default settings on both sides.",
+        "* Ours through libvfio-user runs the same Python model as ours; libvfio-user reads, checks and answers "
+        "each message, calling the model through ctypes callbacks, one `vfu_run_ctx` per message after a `poll` "
+        "and a peek at the socket (`vfiouser/libvfio_user/server.py`). Against C it shows what the Python model "
+        "and the crossing into it cost; against ours, what each engine's way around the model costs.",
         "* libvfio-user reads each message with two system calls (`recvmsg` for the header, `recv` for the body) "
         "and answers with one `sendmsg`; ours reads whatever has arrived with one `recvmsg_into` and sends the "
         "replies of a wake-up together (one system call each way per wake-up, however many messages).",
@@ -714,7 +838,8 @@ def _meaning(results: dict) -> list[str]:
         "differs from the issue's, so compare ratios, and only loosely.",
         "* DMA in mmap mode is a memory copy in the server process, repeated over the same cache-hot buffers; "
         "message mode is bounded by round trips through QEMU's main loop (a DMA_READ answers at most 32 KiB, a "
-        "DMA_WRITE carries up to 1 MiB).",
+        "DMA_WRITE carries up to 1 MiB), on either engine: through libvfio-user the model's requests are ours "
+        "(`vfiouser/libvfio_user/memory.py`), sent on the socket libvfio-user serves.",
         *_guest_meaning(results),
         "* Single runs on a shared VM: expect a few percent of noise, more on p90. Re-run before drawing "
         "conclusions from small differences.",
@@ -789,20 +914,32 @@ def _latency_panel(ax, results: dict) -> None:
     ax.grid(axis="x", alpha=0.3)
 
 
-def _dma_panel(ax, results: dict) -> None:
+def dma_series(results: dict) -> list[dict]:
+    """The lines of the DMA panel: dicts with ``label``, ``fmt`` (marker and line style),
+    ``color``, ``sizes`` and ``MBps``; ours first, then libvfio-user's when it was measured."""
     dma = results.get("dma") or {}
-    if not dma.get("mmap") and not dma.get("message"):
+    engines = [("ours", dma, "#1f77b4"), ("libvfio-user", dma.get("libvfio-user") or {}, "#ff7f0e")]
+    out = []
+    for name, source, colour in engines:
+        for mode, line in (("mmap", "-"), ("message", "--")):
+            rows = source.get(mode) or []
+            for op, marker in (("read", "o"), ("write", "s")):
+                if rows:
+                    out.append({"label": f"{name}, {mode}, {op}", "fmt": marker + line, "color": colour,
+                                "sizes": [r["size"] for r in rows], "MBps": [r[f"{op}_MBps"] for r in rows]})
+    return out
+
+
+def _dma_panel(ax, results: dict) -> None:
+    series = dma_series(results)
+    if not series:
         ax.text(0.5, 0.5, "DMA section not run", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
-    styles = {("mmap", "read"): "o-", ("mmap", "write"): "s-", ("message", "read"): "o--",
-              ("message", "write"): "s--"}
     sizes: set[int] = set()
-    for (mode, op), style in styles.items():
-        rows = dma.get(mode) or []
-        if rows:
-            sizes.update(r["size"] for r in rows)
-            ax.plot([r["size"] for r in rows], [r[f"{op}_MBps"] for r in rows], style, label=f"{mode} mode, {op}")
+    for line in series:
+        sizes.update(line["sizes"])
+        ax.plot(line["sizes"], line["MBps"], line["fmt"], color=line["color"], label=line["label"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(sizes))
     ax.set_xticklabels([_size(x) for x in sorted(sizes)])
@@ -810,37 +947,48 @@ def _dma_panel(ax, results: dict) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("transfer size")
     ax.set_ylabel("MB/s")
-    ax.set_title("DMA bandwidth")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
+    ax.set_title("DMA bandwidth (no C reference: the C sample does no DMA)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7, frameon=False)
     ax.grid(alpha=0.3, which="both")
 
 
-def _versus_c_panel(ax, results: dict) -> None:
-    """Trapped 1-byte I/O read per placement: floor, C sample, ours, ours busy-polling."""
+def versus_c_series(results: dict) -> tuple[list[str], list[dict]]:
+    """The bars of the versus-C panel (trapped 1-byte I/O read): the placements, and per
+    device a dict with ``key``, ``label``, ``color`` and ``values`` (µs, one per placement,
+    ``0.0`` where not measured). The C sample, the reference, comes first after the floor."""
     vc = results.get("versus-c") or {}
     passes = (vc.get("trapped") or {}).get("passes") or []
-    series = [("floor", "pci-testdev (floor)", "#888888"), ("c", "C sample", "#2ca02c"),
-              ("ours", "ours", "#1f77b4"), ("poll", f"ours, --poll-us {vc.get('poll_us', 50)}", "#9467bd")]
-    labels, values = [], {key: [] for key, _, _ in series}
+    series = [{"key": key, "label": label, "color": colour, "values": []} for key, label, colour in (
+        ("floor", "pci-testdev (floor)", "#888888"), ("c", "C sample (reference)", "#2ca02c"),
+        ("ours", "ours", "#1f77b4"), ("lvu", "ours through libvfio-user", "#ff7f0e"),
+        ("poll", f"ours, --poll-us {vc.get('poll_us', 50)}", "#9467bd"))]
+    labels = []
     for p in passes:
         row = _vc_row(p["rows"], "read", 1)
         if row is None:
             continue
         labels.append(p["label"].replace("server on ", "server on\n"))
-        for key, _, _ in series:
-            values[key].append(row[key]["median"] if key in row else 0.0)
+        for entry in series:
+            entry["values"].append(row[entry["key"]]["median"] if entry["key"] in row else 0.0)
+    return labels, series
+
+
+def _versus_c_panel(ax, results: dict) -> None:
+    """Trapped 1-byte I/O read per placement: floor, C sample, ours on both engines, ours busy-polling."""
+    labels, series = versus_c_series(results)
     n = len(series)
     height = 0.8 / n
     ys = list(range(len(labels)))
-    for i, (key, name, colour) in enumerate(series):
-        ax.barh([y - 0.4 + height * (i + 0.5) for y in ys], values[key], height, label=name, color=colour)
+    for i, entry in enumerate(series):
+        ax.barh([y - 0.4 + height * (i + 0.5) for y in ys], entry["values"], height, label=entry["label"],
+                color=entry["color"])
     for container in ax.containers:
         ax.bar_label(container, fmt="%.0f", fontsize=7, padding=2)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("µs per access (median, through qtest)")
-    ax.set_title("idio16: trapped 1-byte I/O read, ours vs C")
+    ax.set_title("idio16: trapped 1-byte I/O read, ours (both engines) vs C")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
 

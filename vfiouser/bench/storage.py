@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from ..guest import READY_MARKER, Guest, GuestAssets
+from ..testing.guest import READY_MARKER, Guest, GuestAssets
 
 __all__ = ["run", "JOBS", "KINDS", "build_iojob", "IojobUnavailable"]
 

@@ -1,27 +1,36 @@
-"""Side by side with C: our idio16 against libvfio-user's ``gpio-pci-idio-16`` sample.
+"""Side by side with C: our idio16, on both engines, against libvfio-user's ``gpio-pci-idio-16`` sample.
 
-Three servers of the same card (vendor 0x494F, device 0x0DC8, a 256-byte I/O
-BAR2 whose offset 1 reads inputs and offset 0 takes outputs), each in its own
+Servers of the same card (vendor 0x494F, device 0x0DC8, a 256-byte I/O BAR2
+whose offset 1 reads inputs and offset 0 takes outputs), each in its own
 process, started the way a user starts them:
 
 ==========  ===============================================================  =============
 key         server                                                           command
 ==========  ===============================================================  =============
 ``ours``    our idio16, default settings                                     ``vfiouser serve idio16 --socket S``
+``lvu``     our idio16 served through libvfio-user (the C library through    ``... --backend libvfio-user``
+            ctypes, :mod:`vfiouser.libvfio_user`), ``$VFIOUSER_LIBVFIO_USER``
+            set to the library the C sample was built with (the
+            sample is ``build/samples/`` next to its ``build/lib/``)
 ``poll``    our idio16, busy-polling 50 µs after each message                ``... --poll-us 50``
 ``c``       libvfio-user's sample (C, release build, :func:`find_sample`)    ``gpio-pci-idio-16 S``
 ``loop``    a minimal Python loop (:mod:`vfiouser.bench.minimal`)            ``python -m vfiouser.bench.minimal S``
 ==========  ===============================================================  =============
 
+The C sample is the reference every figure is compared with. ``c`` and ``lvu``
+need libvfio-user (:func:`find_built_library`); when it cannot be found, built or
+started, the section says so (``sample``/``library`` of the results, or
+``missing`` of a part, with the reason) and measures the others.
+
 **Trapped I/O through QEMU** (:func:`trapped`): one QEMU under qtest
 (:class:`~vfiouser.bench.qtest.LeanQtest`, as the latency section) holds
 QEMU's own ``pci-testdev`` (the floor: its I/O BAR1, handled in QEMU's process)
-and the ``ours``, ``poll`` and ``c`` servers. Each case (1-, 2- and 4-byte
+and the ``ours``, ``lvu``, ``poll`` and ``c`` servers. Each case (1-, 2- and 4-byte
 ``in``/``out`` on BAR2) is measured on every device in alternating blocks after
 a warm-up, so drift and noise hit all alike; I/O writes are not posted (QEMU
 waits for the reply of each).
 
-**Without QEMU** (:func:`wire`): for ``ours``, ``c`` and ``loop``, a
+**Without QEMU** (:func:`wire`): for ``ours``, ``lvu``, ``c`` and ``loop``, a
 :class:`~vfiouser.client.Client` negotiates and does ``bring_up()``, then its
 socket is used raw and blocking: *ping-pong* sends one 1-byte REGION_READ of
 BAR2 offset 1 at a time; *pipelined* keeps two batches of 256 in flight. Each
@@ -50,7 +59,8 @@ from .qtest import LeanQtest
 from .stats import Summary
 
 __all__ = ["SampleUnavailable", "ServerProcess", "TrappedRig", "CpuBudget", "IoCase", "CASES", "POLL_US", "TICK_HZ",
-           "find_sample", "cpu_ticks", "stat_ticks", "trapped", "ping_pong", "pipelined", "wire", "run"]
+           "LABELS", "OPTIONAL", "find_built_library", "find_sample", "sample_next_to",
+           "cpu_ticks", "stat_ticks", "trapped", "ping_pong", "pipelined", "wire", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +76,19 @@ WRITE_VALUE = 0x5A5A5A5A
 LABELS = {
     "floor": "pci-testdev (in QEMU)",
     "ours": "ours (`vfiouser serve idio16`)",
+    "lvu": "ours through libvfio-user (`--backend libvfio-user`)",
     "poll": f"ours, `--poll-us {POLL_US}`",
     "c": "C (libvfio-user `gpio-pci-idio-16`)",
     "loop": "minimal Python loop",
 }
 
 
+#: The servers that need libvfio-user: what each is called when it cannot be measured.
+OPTIONAL = {"c": "the C sample", "lvu": "our idio16 through libvfio-user"}
+
+
 class SampleUnavailable(RuntimeError):
-    """libvfio-user's sample could not be found, built or started."""
+    """libvfio-user (its library or its sample) could not be found, built or started."""
 
 
 # -- the C sample ------------------------------------------------------------------------
@@ -83,8 +98,8 @@ def _tail(text: str, lines: int = 6) -> str:
     return " | ".join(line for line in text.strip().splitlines()[-lines:] if line.strip())
 
 
-def find_sample(root: str, env: dict | None = None, *, timeout: float = 1800.0) -> str:
-    """The path of libvfio-user's ``gpio-pci-idio-16`` sample: next to the library that
+def find_built_library(root: str, env: dict | None = None, *, timeout: float = 1800.0) -> str:
+    """The path of the ``libvfio-user.so.0`` that was built with its samples: the one
     ``$VFIOUSER_LIBVFIO_USER`` names (``scripts/bench`` sets it), else built by running
     ``scripts/get-libvfio-user`` (``root``: the source tree). :class:`SampleUnavailable` with
     the reason otherwise, or at once when ``$VFIOUSER_LIBVFIO_USER_ERROR`` says why
@@ -106,10 +121,25 @@ def find_sample(root: str, env: dict | None = None, *, timeout: float = 1800.0) 
             raise SampleUnavailable(f"scripts/get-libvfio-user failed (exit status {done.returncode}): "
                                     f"{_tail(done.stderr) or 'no output'}")
         lib = done.stdout.strip().splitlines()[-1]
+    if not os.path.isfile(lib):
+        raise SampleUnavailable(f"no libvfio-user library at {lib}")
+    return lib
+
+
+def sample_next_to(lib: str) -> str:
+    """The ``gpio-pci-idio-16`` sample built with the library ``lib`` (``build/lib/X`` ->
+    ``build/samples/gpio-pci-idio-16``); :class:`SampleUnavailable` if it is not there."""
     sample = os.path.normpath(os.path.join(os.path.dirname(lib), "..", "samples", SAMPLE))
     if not os.access(sample, os.X_OK):
         raise SampleUnavailable(f"no executable {SAMPLE} sample at {sample} (library: {lib})")
     return sample
+
+
+def find_sample(root: str, env: dict | None = None, *, timeout: float = 1800.0) -> str:
+    """The path of libvfio-user's ``gpio-pci-idio-16`` sample, next to the library
+    :func:`find_built_library` finds (same arguments); :class:`SampleUnavailable` with the
+    reason otherwise."""
+    return sample_next_to(find_built_library(root, env, timeout=timeout))
 
 
 # -- servers in processes --------------------------------------------------------------------
@@ -156,25 +186,27 @@ def _listening(path: str) -> bool:
     return False
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.update(extra or {})
     return env
 
 
 class ServerProcess:
     """A server started from its command line; ready once its socket listens. Output goes to
-    ``log_path``."""
+    ``log_path``; ``env`` is added to this process's environment."""
 
-    def __init__(self, key: str, argv: list[str], path: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, key: str, argv: list[str], path: str, *, timeout: float = 30.0,
+                 env: dict[str, str] | None = None) -> None:
         self.key = key
         self.argv = argv
         self.path = path
         self.log_path = path + ".log"
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=_child_env())
+                                         env=_child_env(env))
         deadline = time.monotonic() + timeout
         while not _listening(path):
             if self.proc.poll() is not None:
@@ -186,11 +218,18 @@ class ServerProcess:
             time.sleep(0.02)
 
     @classmethod
-    def start(cls, key: str, directory: str, sample: str | None = None) -> ServerProcess:
-        """The server ``key`` of the module docstring, on a socket in ``directory``."""
+    def start(cls, key: str, directory: str, sample: str | None = None, library: str | None = None) -> ServerProcess:
+        """The server ``key`` of the module docstring, on a socket in ``directory``; ``c`` needs
+        the ``sample``'s path, ``lvu`` the ``library``'s."""
         path = os.path.join(directory, f"{key}.sock")
+        env = None
         if key == "ours":
             argv = [sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", path]
+        elif key == "lvu":
+            if library is None:
+                raise SampleUnavailable("no libvfio-user library")
+            argv = [sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", path, "--backend", "libvfio-user"]
+            env = {"VFIOUSER_LIBVFIO_USER": library}
         elif key == "poll":
             argv = [sys.executable, "-m", "vfiouser", "serve", "idio16", "--socket", path, "--poll-us", str(POLL_US)]
         elif key == "c":
@@ -201,7 +240,7 @@ class ServerProcess:
             argv = [sys.executable, "-m", "vfiouser.bench.minimal", path]
         else:
             raise ValueError(f"unknown server {key!r}")
-        return cls(key, argv, path)
+        return cls(key, argv, path, env=env)
 
     @property
     def pid(self) -> int:
@@ -243,26 +282,34 @@ class ServerProcess:
 
 
 class _Servers:
-    """The servers of one part, started together, closed together."""
+    """The servers of one part, started together, closed together. A server of
+    :data:`OPTIONAL` that cannot start is left out, the reason in ``missing``; one whose
+    ``sample``/``library`` is ``None`` is left out quietly (the section says why once)."""
 
-    def __init__(self, keys, sample: str | None) -> None:
+    def __init__(self, keys, sample: str | None, library: str | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="vfu-vsc-")
         self.servers: dict[str, ServerProcess] = {}
         self.missing: dict[str, str] = {}
         try:
             for key in keys:
-                if key == "c" and sample is None:
+                if (key == "c" and sample is None) or (key == "lvu" and library is None):
                     continue
                 try:
-                    self.servers[key] = ServerProcess.start(key, self.dir, sample)
+                    self.servers[key] = ServerProcess.start(key, self.dir, sample, library)
                 except (RuntimeError, OSError) as exc:
-                    if key != "c":
+                    if key not in OPTIONAL:
                         raise
-                    log.warning("the C sample did not start: %s", exc)
-                    self.missing[key] = f"the C sample did not start: {exc}"
+                    log.warning("%s did not start: %s", OPTIONAL[key], exc)
+                    self.missing[key] = f"{OPTIONAL[key]} did not start: {exc}"
         except BaseException:
             self.close()
             raise
+
+    def drop(self, key: str, why: str) -> None:
+        """Leave server ``key`` out of the part, for the reason ``why``."""
+        log.warning("%s: %s; measuring without it", OPTIONAL.get(key, key), why)
+        self.missing[key] = why
+        self.servers.pop(key).close()
 
     def pin(self, cpus) -> None:
         for server in self.servers.values():
@@ -313,11 +360,11 @@ CASES = [IoCase("read", 1, 1), IoCase("read", 2, 4), IoCase("read", 4, 4),
          IoCase("write", 1, 0), IoCase("write", 2, 4), IoCase("write", 4, 4)]
 
 #: PCI slot and I/O base of each device in the rig
-SLOTS = {"floor": (5, 0xC000), "ours": (4, 0xC100), "poll": (6, 0xC200), "c": (7, 0xC300)}
+SLOTS = {"floor": (5, 0xC000), "ours": (4, 0xC100), "poll": (6, 0xC200), "c": (7, 0xC300), "lvu": (8, 0xC400)}
 
 
 class TrappedRig:
-    """One QEMU (qtest) with the floor and the ``servers`` (keys ``ours``, ``poll``, ``c``)."""
+    """One QEMU (qtest) with the floor and the ``servers`` (keys ``ours``, ``lvu``, ``poll``, ``c``)."""
 
     def __init__(self, servers: dict[str, ServerProcess]) -> None:
         self.servers = servers
@@ -348,7 +395,7 @@ class TrappedRig:
             vm.cfg_write(slot, 0x04, 0x0001, 2)
 
     def _check(self) -> None:
-        """Each server answers through BAR2: ours reads back its outputs; the C sample counts
+        """Each server answers through BAR2: ours (either engine) reads back its outputs; the C sample counts
         writes to offset 0 per pin and reads bit n of offset 1 as "pin n's count is a multiple
         of 3", so three writes of 1 must change bit 0 of offset 1."""
         vm = self.vm
@@ -559,32 +606,52 @@ def _part(fn):
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _trapped_rig(servers: _Servers) -> TrappedRig:
+    """A rig with every server QEMU can use: if QEMU fails with all of them, each optional
+    server is tried alone next to ours, and those QEMU cannot use are left out (with the reason)."""
+    try:
+        return TrappedRig(servers.servers)
+    except Exception as exc:
+        optional = [k for k in servers.servers if k in OPTIONAL]
+        if not optional:
+            raise
+        log.warning("QEMU failed with all the servers (%s); trying %s one by one", exc,
+                    ", ".join(OPTIONAL[k] for k in optional))
+    required = {k: s for k, s in servers.servers.items() if k not in OPTIONAL}
+    for key in optional:
+        try:
+            TrappedRig({**required, key: servers.servers[key]}).close()
+        except Exception as exc:
+            servers.drop(key, f"QEMU could not use {OPTIONAL[key]}: {exc}")
+    return TrappedRig(servers.servers)
+
+
 def run(*, root: str, passes: list[tuple[str, tuple[int, ...] | None]], iterations: int, rounds: int,
         warmup: int, pingpong: CpuBudget, pipeline: CpuBudget) -> dict:
     """The whole section (see the module docstring); ``passes``: ``(label, server CPUs)``."""
     started = time.monotonic()
     result: dict = {"tick_hz": TICK_HZ, "iterations": iterations, "rounds": rounds, "poll_us": POLL_US,
                     "budget": {"ping_pong": vars(pingpong), "pipelined": vars(pipeline)}}
+    sample = library = None
     try:
-        sample = find_sample(root)
-        result["sample"] = {"path": sample}
+        library = find_built_library(root)
+        result["library"] = {"path": library}
     except SampleUnavailable as exc:
-        log.warning("the C sample is not available: %s", exc)
-        sample = None
+        log.warning("libvfio-user is not available: %s", exc)
+        result["library"] = {"path": None, "unavailable": str(exc)}
         result["sample"] = {"path": None, "unavailable": str(exc)}
+    if library is not None:
+        try:
+            sample = sample_next_to(library)
+            result["sample"] = {"path": sample}
+        except SampleUnavailable as exc:
+            log.warning("the C sample is not available: %s", exc)
+            result["sample"] = {"path": None, "unavailable": str(exc)}
 
     def trapped_part() -> dict:
-        with _Servers(["ours", "poll", "c"], sample) as servers:
+        with _Servers(["ours", "lvu", "poll", "c"], sample, library) as servers:
             part: dict = {"passes": [], "missing": servers.missing}
-            try:
-                rig = TrappedRig(servers.servers)
-            except Exception as exc:
-                if "c" not in servers.servers:
-                    raise
-                log.warning("QEMU with the C sample failed (%s); measuring without it", exc)
-                servers.missing["c"] = f"QEMU could not use the C sample: {exc}"
-                servers.servers.pop("c").close()
-                rig = TrappedRig(servers.servers)
+            rig = _trapped_rig(servers)
             try:
                 for label, cpus in passes:
                     servers.pin(cpus)
@@ -596,7 +663,7 @@ def run(*, root: str, passes: list[tuple[str, tuple[int, ...] | None]], iteratio
             return part
 
     def wire_part() -> dict:
-        with _Servers(["ours", "c", "loop"], sample) as servers:
+        with _Servers(["ours", "lvu", "c", "loop"], sample, library) as servers:
             part = {"passes": [], "missing": servers.missing}
             for label, cpus in passes:
                 servers.pin(cpus)

@@ -35,7 +35,7 @@ from ..protocol import HEADER, HEADER_SIZE, REGION_ACCESS, Command, Layout, MsgF
 from ..session import Session
 from ..transport import Frame
 from .child import ChildServer, ServeSpec
-from .device import BenchDevice
+from .device import BLOCK_BAR, REGS_STATUS, BenchDevice
 from .stats import Summary
 
 __all__ = ["SeamMissing", "ping_pong", "pipelined", "region_read_msg", "region_write_msg", "server_processing"]
@@ -123,13 +123,13 @@ class _InProcessSession:
             _recv_exact(self.peer, reply_size * batch)
         return total / (batch * batches) / 1000.0
 
-    def time_model(self, count: int) -> float:
+    def time_model(self, count: int, region: int = 0) -> float:
         """Mean µs per ``port.region_read`` of 4 bytes (the device port: no protocol at all)."""
         buf = bytearray(4)
         read = self.port.region_read
         t0 = time.perf_counter_ns()
         for _ in range(count):
-            read(0, OFFSET, buf)
+            read(region, OFFSET, buf)
         return (time.perf_counter_ns() - t0) / count / 1000.0
 
     def close(self) -> None:
@@ -171,6 +171,16 @@ def server_processing(iterations: int, repeats: int = 5) -> dict:
             "write_multi_200_per_write": median_of(
                 lambda: rig.time_dispatch(multi, max(1, iterations // 200))) / 200.0,
             "model_region_read_4": median_of(lambda: rig.time_model(iterations)),
+            # The same messages to BAR4, the register file declared on the register layer.
+            "regs_region_read_4": median_of(
+                lambda: rig.time_dispatch(region_read_msg(1, region=BLOCK_BAR), iterations)),
+            "regs_region_write_4": median_of(
+                lambda: rig.time_dispatch(region_write_msg(1, data, posted=False, region=BLOCK_BAR), iterations)),
+            "regs_region_write_4_posted": median_of(
+                lambda: rig.time_dispatch(region_write_msg(1, data, posted=True, region=BLOCK_BAR), iterations)),
+            "regs_region_write_4_w1c": median_of(lambda: rig.time_dispatch(
+                region_write_msg(1, data, posted=False, region=BLOCK_BAR, offset=REGS_STATUS), iterations)),
+            "regs_model_region_read_4": median_of(lambda: rig.time_model(iterations, BLOCK_BAR)),
             "on_readable_read_4_batch256": median_of(
                 lambda: rig.time_on_readable(region_read_msg(1), 256, max(1, iterations // 256), 36)),
         }

@@ -1,0 +1,527 @@
+/*
+ * vfiouser._fastloop: the serving thread's hot loop in C.
+ *
+ * The pure-Python loop (vfiouser/server.py, transport.py, dispatch.py) costs
+ * about 30,000 interpreter instructions per small REGION_READ on top of the
+ * device model's own work; this module does the same for the messages the
+ * Python fast path takes, and nothing else:
+ *
+ *   loop:
+ *     recvmsg() into our buffer           (GIL released; blocking, or spinning
+ *                                          spin_us first when asked)
+ *     control data (fds) arrived?         -> hand everything to Python
+ *     worker.hold()                        (the port's batch, as Session.process)
+ *     for each whole message at the head:
+ *       REGION_READ of 16 payload bytes, or REGION_WRITE of 1/2/4/8 data
+ *       bytes, flags 0 or NO_REPLY, count within max_xfer:
+ *         port.region_read(region, offset, bytearray(count)) /
+ *         port.region_write(region, offset, bytes)
+ *         reply (unless NO_REPLY) appended to the outbox's queue;
+ *         an exception: dispatcher.failed(msg_id, cmd, flags, exc), as Python
+ *       anything else, or a message not all here: stop
+ *     send the queue (under the transport's send lock; what the socket does
+ *     not take goes through transport.send)
+ *     worker.release()
+ *     bytes left over (a message Python must handle) -> hand them to Python
+ *
+ * It returns to Python only to hand over: ("data", bytes, ancdata, msg_flags),
+ * ("eof", None, None, 0) or ("error", errno, None, 0). Python's transport then
+ * frames the bytes exactly as if it had received them (Transport.feed), so the
+ * full path and everything it checks stay in one place; tests/test_hot_path.py
+ * runs the same streams with and without this module.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define HEADER_SIZE 16
+#define ACCESS_SIZE 32 /* header + offset u64, region u32, count u32 */
+#define CMD_REGION_READ 9
+#define CMD_REGION_WRITE 10
+#define FLAG_NO_REPLY 0x10
+#define FLAG_REPLY 0x1
+#define BUF_SIZE (64 * 1024)
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    Py_ssize_t max_xfer;
+    double spin; /* seconds to poll after a batch before blocking */
+    Py_ssize_t anc_size;
+    PyObject *region_read;
+    PyObject *region_write;
+    PyObject *hold;
+    PyObject *release;
+    PyObject *outbox;
+    PyObject *failed;
+    PyObject *lock_acquire;
+    PyObject *lock_release;
+    PyObject *send_rest;
+    PyObject *watchdog;
+    unsigned char *buf;
+    unsigned char *anc;
+} FastLoop;
+
+static PyObject *str_queue, *str_since;
+
+static inline uint16_t rd16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static double monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void
+fastloop_dealloc(FastLoop *self)
+{
+    Py_XDECREF(self->region_read);
+    Py_XDECREF(self->region_write);
+    Py_XDECREF(self->hold);
+    Py_XDECREF(self->release);
+    Py_XDECREF(self->outbox);
+    Py_XDECREF(self->failed);
+    Py_XDECREF(self->lock_acquire);
+    Py_XDECREF(self->lock_release);
+    Py_XDECREF(self->send_rest);
+    Py_XDECREF(self->watchdog);
+    PyMem_Free(self->buf);
+    PyMem_Free(self->anc);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+fastloop_init(FastLoop *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "region_read", "region_write", "hold", "release", "outbox", "failed",
+                             "send_lock", "send_rest", "watchdog", "max_xfer", "anc_size", "spin", NULL};
+    PyObject *lock;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd", kwlist, &self->fd, &self->region_read,
+                                     &self->region_write, &self->hold, &self->release, &self->outbox,
+                                     &self->failed, &lock, &self->send_rest, &self->watchdog, &self->max_xfer,
+                                     &self->anc_size, &self->spin))
+        return -1;
+    Py_INCREF(self->region_read);
+    Py_INCREF(self->region_write);
+    Py_INCREF(self->hold);
+    Py_INCREF(self->release);
+    Py_INCREF(self->outbox);
+    Py_INCREF(self->failed);
+    Py_INCREF(self->send_rest);
+    Py_INCREF(self->watchdog);
+    self->lock_acquire = PyObject_GetAttrString(lock, "acquire");
+    self->lock_release = PyObject_GetAttrString(lock, "release");
+    if (self->lock_acquire == NULL || self->lock_release == NULL)
+        return -1;
+    if (self->anc_size < 0 || self->anc_size > 4096) {
+        PyErr_SetString(PyExc_ValueError, "anc_size out of range");
+        return -1;
+    }
+    self->buf = PyMem_Malloc(BUF_SIZE);
+    self->anc = PyMem_Malloc(self->anc_size ? self->anc_size : 1);
+    if (self->buf == NULL || self->anc == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* Set watchdog.since (0.0: idle). */
+static int
+set_since(FastLoop *self, double value)
+{
+    PyObject *v = PyFloat_FromDouble(value);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_SetAttr(self->watchdog, str_since, v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The control messages of one recvmsg as socket.recvmsg returns them: [(level, type, data)]. */
+static PyObject *
+ancillary(struct msghdr *msg)
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        Py_ssize_t len = (Py_ssize_t)c->cmsg_len - (Py_ssize_t)CMSG_LEN(0);
+        if (len < 0)
+            len = 0;
+        PyObject *item = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, (char *)CMSG_DATA(c), len);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+/* Receive into the buffer: spinning (GIL released) for self->spin seconds first if asked. */
+static ssize_t
+receive(FastLoop *self, struct msghdr *msg, int *err)
+{
+    ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    if (self->spin > 0) {
+        double until = monotonic() + self->spin;
+        for (;;) {
+            n = recvmsg(self->fd, msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+                break;
+            if (monotonic() >= until) {
+                n = recvmsg(self->fd, msg, MSG_CMSG_CLOEXEC);
+                break;
+            }
+            sched_yield();
+        }
+    } else {
+        n = recvmsg(self->fd, msg, MSG_CMSG_CLOEXEC);
+    }
+    *err = errno;
+    Py_END_ALLOW_THREADS
+    return n;
+}
+
+/* Call port.region_read/region_write(region, offset, data) with vectorcall. */
+static PyObject *
+call3(PyObject *fn, uint32_t region, uint64_t offset, PyObject *data)
+{
+    PyObject *args[3];
+    args[0] = PyLong_FromUnsignedLong(region);
+    args[1] = PyLong_FromUnsignedLongLong(offset);
+    args[2] = data;
+    PyObject *result = NULL;
+    if (args[0] != NULL && args[1] != NULL)
+        result = PyObject_Vectorcall(fn, args, 3, NULL);
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    return result;
+}
+
+/* A reply header and region access (msg_size = ACCESS_SIZE + extra) for the request at m. */
+static void
+reply_head(char *r, const unsigned char *m, uint32_t extra)
+{
+    uint32_t total = ACCESS_SIZE + extra, one = FLAG_REPLY, zero = 0;
+    memcpy(r, m, 4); /* msg_id, cmd */
+    memcpy(r + 4, &total, 4);
+    memcpy(r + 8, &one, 4);
+    memcpy(r + 12, &zero, 4);
+    memcpy(r + 16, m + 16, 16); /* offset, region, count */
+}
+
+/* The model raised: dispatcher.failed(msg_id, cmd, flags, exc) logs it (with its traceback: the
+ * exception is made the one being handled, as in Python's ``except`` clause) and queues the error
+ * reply. 0, or -1 if that failed too. */
+static int
+model_failed(FastLoop *self, uint16_t msg_id, uint16_t cmd, uint32_t flags)
+{
+    PyObject *type, *value, *tb, *old_type, *old_value, *old_tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    PyErr_GetExcInfo(&old_type, &old_value, &old_tb);
+    Py_XINCREF(type);
+    Py_XINCREF(value);
+    Py_XINCREF(tb);
+    PyErr_SetExcInfo(type, value, tb); /* steals */
+    PyObject *r = PyObject_CallFunction(self->failed, "IIIO", (unsigned)msg_id, (unsigned)cmd, (unsigned)flags,
+                                        value ? value : Py_None);
+    PyErr_SetExcInfo(old_type, old_value, old_tb); /* steals */
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* One message the Python fast path would take: handle it, queue its reply. 0 handled, 1 not
+ * ours (stop here), -1 a Python error that is not the model's (propagate). */
+static int
+handle(FastLoop *self, const unsigned char *m, uint32_t size, PyObject *queue)
+{
+    uint16_t msg_id = rd16(m), cmd = rd16(m + 2);
+    uint32_t flags = rd32(m + 8);
+    if (flags != 0 && flags != FLAG_NO_REPLY)
+        return 1;
+    if (size < ACCESS_SIZE)
+        return 1;
+    uint64_t offset = rd64(m + 16);
+    uint32_t region = rd32(m + 24), count = rd32(m + 28);
+    PyObject *result, *reply = NULL;
+    if (cmd == CMD_REGION_READ) {
+        if (size != ACCESS_SIZE || count == 0 || count > (uint64_t)self->max_xfer)
+            return 1;
+        PyObject *data = PyByteArray_FromStringAndSize(NULL, count);
+        if (data == NULL)
+            return -1;
+        memset(PyByteArray_AS_STRING(data), 0, count);
+        PyObject *view = PyMemoryView_FromObject(data); /* what the Python path passes: a memoryview */
+        if (view == NULL) {
+            Py_DECREF(data);
+            return -1;
+        }
+        result = call3(self->region_read, region, offset, view);
+        Py_DECREF(view);
+        if (result != NULL && !flags) {
+            reply = PyBytes_FromStringAndSize(NULL, ACCESS_SIZE + count);
+            if (reply != NULL) {
+                reply_head(PyBytes_AS_STRING(reply), m, count);
+                memcpy(PyBytes_AS_STRING(reply) + ACCESS_SIZE, PyByteArray_AS_STRING(data), count);
+            }
+        }
+        Py_DECREF(data);
+    } else if (cmd == CMD_REGION_WRITE) {
+        if (count != size - ACCESS_SIZE || (count != 1 && count != 2 && count != 4 && count != 8)
+            || count > (uint64_t)self->max_xfer)
+            return 1;
+        PyObject *data = PyBytes_FromStringAndSize((const char *)m + ACCESS_SIZE, count);
+        if (data == NULL)
+            return -1;
+        result = call3(self->region_write, region, offset, data);
+        Py_DECREF(data);
+        if (result != NULL && !flags) {
+            reply = PyBytes_FromStringAndSize(NULL, ACCESS_SIZE);
+            if (reply != NULL)
+                reply_head(PyBytes_AS_STRING(reply), m, 0);
+        }
+    } else {
+        return 1;
+    }
+    if (result == NULL)
+        return model_failed(self, msg_id, cmd, flags);
+    Py_DECREF(result);
+    if (!flags) {
+        if (reply == NULL)
+            return -1;
+        int r = PyList_Append(queue, reply);
+        Py_DECREF(reply);
+        if (r < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Send what the outbox queued, as Outbox.flush would: one send under the transport's send lock;
+ * what the socket does not take (or an error) goes through transport.send, the general path. */
+static int
+flush(FastLoop *self, PyObject *queue)
+{
+    Py_ssize_t n = PyList_GET_SIZE(queue);
+    if (n == 0)
+        return 0;
+    PyObject *data;
+    if (n == 1) {
+        data = PyList_GET_ITEM(queue, 0);
+        Py_INCREF(data);
+    } else {
+        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+        if (empty == NULL)
+            return -1;
+        data = _PyBytes_Join(empty, queue);
+        Py_DECREF(empty);
+        if (data == NULL)
+            return -1;
+    }
+    if (PyList_SetSlice(queue, 0, n, NULL) < 0) {
+        Py_DECREF(data);
+        return -1;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(data);
+        return -1;
+    }
+    ssize_t sent = -1;
+    int err = 0;
+    PyObject *r = PyObject_CallNoArgs(self->lock_acquire);
+    if (r != NULL) {
+        Py_DECREF(r);
+        sent = send(self->fd, buf.buf, buf.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        err = errno;
+        r = PyObject_CallNoArgs(self->lock_release);
+        if (r != NULL)
+            Py_DECREF(r);
+    }
+    Py_ssize_t len = buf.len;
+    PyBuffer_Release(&buf);
+    if (r == NULL) {
+        Py_DECREF(data);
+        return -1;
+    }
+    if (sent == len) {
+        Py_DECREF(data);
+        return 0;
+    }
+    PyObject *rest;
+    if (sent < 0 && err != EAGAIN && err != EWOULDBLOCK && err != EINTR) {
+        rest = data; /* the general path meets the same error and raises ConnectionClosed */
+        Py_INCREF(rest);
+    } else {
+        PyObject *view = PyMemoryView_FromObject(data);
+        rest = view == NULL ? NULL : PySequence_GetSlice(view, sent > 0 ? sent : 0, len);
+        Py_XDECREF(view);
+    }
+    Py_DECREF(data);
+    if (rest == NULL)
+        return -1;
+    r = PyObject_CallOneArg(self->send_rest, rest);
+    Py_DECREF(rest);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* worker.release(); an exception already set is kept (the release's own is reported). */
+static int
+release(FastLoop *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallNoArgs(self->release);
+    if (r == NULL) {
+        if (type != NULL) {
+            PyErr_WriteUnraisable(self->release);
+            PyErr_Restore(type, value, tb);
+        }
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    return type == NULL ? 0 : -1;
+}
+
+static PyObject *
+fastloop_run(FastLoop *self, PyObject *Py_UNUSED(ignored))
+{
+    struct iovec iov;
+    struct msghdr msg;
+    for (;;) {
+        memset(&msg, 0, sizeof(msg));
+        iov.iov_base = self->buf;
+        iov.iov_len = BUF_SIZE;
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = self->anc_size ? self->anc : NULL;
+        msg.msg_controllen = self->anc_size;
+        int err = 0;
+        ssize_t n = receive(self, &msg, &err);
+        if (n < 0) {
+            if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            return Py_BuildValue("(siOi)", "error", err, Py_None, 0);
+        }
+        if (n == 0)
+            return Py_BuildValue("(sOOi)", "eof", Py_None, Py_None, 0);
+        if (msg.msg_controllen > 0 || (msg.msg_flags & MSG_CTRUNC)) {
+            PyObject *anc = ancillary(&msg);
+            if (anc == NULL)
+                return NULL;
+            PyObject *out = Py_BuildValue("(sy#Ni)", "data", (char *)self->buf, (Py_ssize_t)n, anc, msg.msg_flags);
+            return out;
+        }
+        if (set_since(self, monotonic()) < 0)
+            return NULL;
+        PyObject *r = PyObject_CallNoArgs(self->hold);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        PyObject *queue = PyObject_GetAttr(self->outbox, str_queue);
+        int failed = queue == NULL || !PyList_Check(queue);
+        if (queue != NULL && !PyList_Check(queue))
+            PyErr_SetString(PyExc_TypeError, "outbox.queue is not a list");
+        ssize_t pos = 0;
+        while (!failed && n - pos >= HEADER_SIZE) {
+            uint32_t size = rd32(self->buf + pos + 4);
+            if (size < HEADER_SIZE || (ssize_t)size > n - pos)
+                break;
+            int h = handle(self, self->buf + pos, size, queue);
+            if (h < 0)
+                failed = 1;
+            else if (h > 0)
+                break;
+            else
+                pos += size;
+        }
+        if (!failed && flush(self, queue) < 0)
+            failed = 1;
+        Py_XDECREF(queue);
+        if (release(self) < 0)
+            failed = 1;
+        if (failed) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            if (set_since(self, 0.0) < 0)
+                PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+            return NULL;
+        }
+        if (set_since(self, 0.0) < 0)
+            return NULL;
+        if (pos < n)
+            return Py_BuildValue("(sy#Oi)", "data", (char *)self->buf + pos, (Py_ssize_t)(n - pos), Py_None, 0);
+    }
+}
+
+static PyMethodDef fastloop_methods[] = {
+    {"run", (PyCFunction)fastloop_run, METH_NOARGS,
+     "Serve fast-path messages until something must go to Python: returns (kind, data, ancdata, msg_flags)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastLoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vfiouser._fastloop.FastLoop",
+    .tp_doc = PyDoc_STR("The serving thread's hot loop for one session (see the module docstring)."),
+    .tp_basicsize = sizeof(FastLoop),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)fastloop_init,
+    .tp_dealloc = (destructor)fastloop_dealloc,
+    .tp_methods = fastloop_methods,
+};
+
+static struct PyModuleDef fastloop_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "vfiouser._fastloop",
+    .m_doc = PyDoc_STR("The serving thread's hot loop in C: the messages the Python fast path takes, nothing else."),
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__fastloop(void)
+{
+    str_queue = PyUnicode_InternFromString("queue");
+    str_since = PyUnicode_InternFromString("since");
+    if (str_queue == NULL || str_since == NULL || PyType_Ready(&FastLoopType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastloop_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FastLoopType);
+    if (PyModule_AddObject(m, "FastLoop", (PyObject *)&FastLoopType) < 0) {
+        Py_DECREF(&FastLoopType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
