@@ -353,3 +353,33 @@ def test_an_indirect_table_inside_another_needs_a_reset(blk):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert drv.used_idx() == 0
+
+
+def test_a_large_request_and_those_after_it_go_to_the_worker_in_order(serve, image, monkeypatch):
+    """A request over INLINE_LIMIT taken in the notification's handler is handed to the worker
+    with its queue; until the worker is done with the queue, later kicks are not served beside it
+    (two threads never serve one queue), and the requests complete in the order offered."""
+    import threading
+
+    from vfiouser.devices.virtio import blk as blk_module
+
+    monkeypatch.setattr(blk_module, "INLINE_LIMIT", 4096)
+    dev, drv = _driver(serve, image, inline_io=True)
+    assert drv.start(VERSION_1 | INDIRECT | EVENT_IDX) & 4
+    gate = threading.Event()
+    dev.defer(gate.wait, 10)  # the worker is busy until the gate opens
+    payload = os.urandom(8192)
+    big = drv.request(T_OUT, 40, data=payload)
+    small = drv.request(T_IN, 40, read=512)
+    time.sleep(0.2)
+    assert drv.used_idx() == 0, "a request was served while the worker had its queue"
+    gate.set()
+    first, second = drv.wait_used(2)
+    assert drv.status_of(big) == S_OK and drv.status_of(small) == S_OK
+    assert (first[1], second[1]) == (1, 513)  # the write, then the read: offered order
+    assert bytes(drv.ram[small + 0x1000 : small + 0x1000 + 512]) == payload[:512]
+    assert dev.requests[T_OUT] == 1 and dev.requests[T_IN] == 1
+    small_again = drv.request(T_IN, 41, read=512)  # the worker is done: served inline again
+    drv.wait_used(1)
+    assert drv.status_of(small_again) == S_OK and dev._on_worker == {}
+    drv.c.close()

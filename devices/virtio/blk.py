@@ -31,7 +31,10 @@ Where a queue's rings are guest memory the server reaches in place, a kick is
 served right in the notification's handler (in-place DMA needs no message, and
 no other thread wakes on the path of an I/O); otherwise on the device's
 worker, which also takes over from a request larger than :data:`INLINE_LIMIT`
-or one whose memory turns out not to be in place.
+(the request already taken from the ring is handed over with the queue) or
+one whose memory turns out not to be in place. While the worker has a queue
+(a kick queued or running), that queue's notifications go to the worker too:
+two threads never serve one queue.
 """
 
 from __future__ import annotations
@@ -106,9 +109,11 @@ def _split_back(segments: list[tuple[int, int]], size: int) -> tuple[list, list]
 class VirtioBlk(VirtioPciDevice):
     """virtio-blk over modern virtio-pci, backed by the raw image ``file`` (see the module docstring).
 
-    ``readonly``: the disk is read-only (``VIRTIO_BLK_F_RO``, image opened
-    read-only); ``num_queues``: request queues (1-16, ``VIRTIO_BLK_F_MQ``
-    above 1), each ``queue_size`` entries (a power of two); ``serial``: what
+    ``file``: the raw disk image (a regular file or block device, a whole
+    number of sectors); ``readonly``: the disk is read-only (``VIRTIO_BLK_F_RO``,
+    image opened read-only); ``num_queues``: request queues (1-16,
+    ``VIRTIO_BLK_F_MQ`` above 1); ``queue_size``: entries per queue (a power of
+    two, 4-1024); ``serial``: what
     ``GET_ID`` returns (default: from the image's name); ``inline_io``: serve
     kicks in the notification's handler where memory is in place.
     """
@@ -135,6 +140,10 @@ class VirtioBlk(VirtioPciDevice):
         self.device_features = features
         self.inline_io = inline_io
         self._in_place: dict[int, tuple] = {}
+        #: (generation, queue index) -> kicks queued or running on the worker
+        self._on_worker: dict[tuple[int, int], int] = {}
+        #: queue index -> (generation, chain): a large request taken inline, for the worker
+        self._carried: dict[int, tuple[int, Chain]] = {}
         super().__init__()
         #: Requests completed, by type (``IN``, ``OUT``, ``FLUSH``, ...).
         self.requests: dict[int, int] = {}
@@ -158,7 +167,8 @@ class VirtioBlk(VirtioPciDevice):
         """A queue's notification: served here if its rings are in place (see the module
         docstring), else by the transport (deferred to the worker)."""
         index = int.from_bytes(data[:2], "little") if len(data) >= 2 else offset // 4
-        if self.inline_io and index < len(self.queues) and self.driver_ok:
+        if (self.inline_io and index < len(self.queues) and self.driver_ok
+                and (self.generation, index) not in self._on_worker):
             queue = self.queues[index]
             if queue.enabled and self._rings_in_place(queue):
                 try:
@@ -171,6 +181,36 @@ class VirtioBlk(VirtioPciDevice):
                     self.status |= STATUS_NEEDS_RESET
                     return
         super()._notify_write(offset, data)
+
+    def _defer_kick(self, index: int) -> None:
+        """Count the kick handed to the worker until it has run (see the module docstring)."""
+        with self.lock:
+            for stale in [key for key in self._on_worker if key[0] != self.generation]:
+                del self._on_worker[stale]  # tasks from before a reset never run
+            key = (self.generation, index)
+            self._on_worker[key] = self._on_worker.get(key, 0) + 1
+        super()._defer_kick(index)
+
+    def _kick(self, index: int, generation: int) -> None:
+        try:
+            super()._kick(index, generation)
+        finally:
+            with self.lock:
+                key = (generation, index)
+                left = self._on_worker.get(key, 0) - 1
+                if left > 0:
+                    self._on_worker[key] = left
+                else:
+                    self._on_worker.pop(key, None)
+
+    def _take_carried(self, queue: SplitQueue, generation: int) -> Chain | None:
+        """The large request the notification's handler took from ``queue`` and left to the
+        worker (on the worker only; None if there is none, or it is from before a reset)."""
+        if not self._carried or self.worker.held_here():
+            return None
+        with self.lock:
+            carried = self._carried.pop(queue.index, None)
+        return carried[1] if carried is not None and carried[0] == generation else None
 
     def _rings_in_place(self, queue: SplitQueue) -> bool:
         """Whether the queue's rings are reached without messages (remembered per ring layout)."""
@@ -192,15 +232,17 @@ class VirtioBlk(VirtioPciDevice):
                     generation = self.generation
                 taken = queue.last_avail
                 try:
-                    chain = queue.pop()
+                    chain = self._take_carried(queue, generation) or queue.pop()
                     if chain is None:
                         if queue.rearm():
                             continue
                         break
                     if self.worker.held_here() and _data_size(chain) > INLINE_LIMIT:
-                        raise _TooLarge  # the notification's handler would be held: the worker serves it
+                        with self.lock:  # the notification's handler would be held: the worker serves it
+                            self._carried[queue.index] = (generation, chain)
+                        raise _TooLarge
                     status, written = self._serve(chain)
-                except (DmaWouldDeadlock, _TooLarge):
+                except DmaWouldDeadlock:
                     queue.last_avail = taken  # not served: the worker takes it from the ring again
                     raise
                 with self.lock:
