@@ -17,7 +17,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", "docs/writing-a-device.md", "docs/systemrdl.md"]
+PAGES = ["README.md", "docs/writing-a-device.md", "docs/systemrdl.md", "docs/storage.md"]
 _BLOCK = re.compile(r"^<!-- (example|excerpt|file): ?(.*?) -->\n```[a-z]*\n(.*?)^```$", re.M | re.S)
 
 
@@ -30,6 +30,7 @@ def blocks(page: str, kind: str) -> list[tuple[str, str]]:
 def test_every_page_has_what_it_marks():
     assert blocks("docs/writing-a-device.md", "example") and blocks("docs/writing-a-device.md", "excerpt")
     assert blocks("docs/systemrdl.md", "example") and blocks("docs/systemrdl.md", "file")
+    assert blocks("docs/storage.md", "example") and len(blocks("docs/storage.md", "excerpt")) >= 4
 
 
 @pytest.mark.parametrize("page", PAGES)

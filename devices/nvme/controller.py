@@ -104,6 +104,7 @@ class EventState:
 class NvmeController(PciDevice):
     """An NVMe 1.4 controller, one namespace backed by ``file`` (see the module docstring).
 
+    ``file``: the raw disk image (a regular file or block device, a whole number of sectors);
     ``serial``: the serial number Identify reports (default: derived from the
     image's path); ``readonly``: the namespace is write protected and the
     image opened read-only; ``queues``: I/O queue pairs offered (1-64);
