@@ -27,8 +27,10 @@ BUILTIN_DEVICES: dict[str, str] = {
     "edu": "vfiouser.devices.edu:Edu",
     "pci-serial": "vfiouser.devices.serial:PciSerial",
     "virtio-rng": "vfiouser.devices.virtio.rng:VirtioRng",
+    "virtio-blk": "vfiouser.devices.virtio.blk:VirtioBlk",
     "ivshmem-plain": "vfiouser.devices.ivshmem:Ivshmem",
     "regfile": "vfiouser.devices.regfile:RegfileDevice",
+    "nvme": "vfiouser.devices.nvme:NvmeController",
 }
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -167,6 +168,29 @@ class DmaBackend(abc.ABC):
     def in_place(self, addr: int, size: int, write: bool) -> bool:
         """Whether all of ``[addr, addr+size)`` is mapped for this direction *and* reachable
         without a message (so a handler may do this transfer itself)."""
+
+    def read_sg(self, segments: Sequence[tuple[int, int]], *, may_wait: bool) -> bytes:
+        """The ``(addr, size)`` segments read in order, concatenated. By default one :meth:`read`
+        per segment; a backend that has the memory mapped may do the whole list at once (a
+        storage model's PRP or descriptor list is hundreds of pages)."""
+        return b"".join(self.read(addr, size, may_wait=may_wait) for addr, size in segments)
+
+    def write_sg(self, segments: Sequence[tuple[int, int]], data: bytes | memoryview, *, may_wait: bool) -> None:
+        """``data`` spread over the ``(addr, size)`` segments in order (their sizes add up to
+        ``len(data)``). By default one :meth:`write` per segment."""
+        view = memoryview(data)
+        pos = 0
+        for addr, size in segments:
+            self.write(addr, view[pos : pos + size], may_wait=may_wait)
+            pos += size
+
+    def lend_sg(self, segments: Sequence[tuple[int, int]], write: bool) -> AbstractContextManager | None:
+        """Guest memory itself, for a model to read (or, with ``write``, fill) without a copy: a
+        context manager whose value is one memoryview per segment, valid until it exits (the
+        memory cannot be unmapped meanwhile). None when the backend cannot lend all of it (not
+        mapped in place), and by default: the caller then copies through :meth:`read_sg` and
+        :meth:`write_sg`."""
+        return None
 
 
 class ActivityWatcher:

@@ -533,3 +533,68 @@ def test_report_says_when_the_c_sample_is_missing(quick_protocol_run):
 def test_versus_c_can_be_run_alone():
     args = _parser().parse_args(["--quick", "--only", "versus-c"])
     assert args.only == ["versus-c"] and "versus-c" in SECTIONS
+
+
+# -- storage: our NVMe and virtio-blk next to QEMU's own ---------------------------------------------
+
+
+def _fake_storage() -> dict:
+    def side(mbps, iops, server):
+        return {"MBps": mbps, "iops": iops, "qemu_cpu_us": 300.0, "server_cpu_us": server, "runs": []}
+
+    jobs = [{"job": "seqread", "size": 1 << 20, "qemu": side(900, 860, None), "ours": side(540, 515, 400),
+             "ratio": 515 / 860},
+            {"job": "seqwrite", "size": 1 << 20, "qemu": side(700, 668, None), "ours": side(300, 286, 800),
+             "ratio": 286 / 668},
+            {"job": "randread", "size": 4096, "qemu": side(9, 2200, None), "ours": side(5, 1300, 180),
+             "ratio": 1300 / 2200}]
+    return {"seconds": 4, "rounds": 3, "image_mib": 256, "kernel": "6.12.0-test", "kinds": {"nvme": {"jobs": jobs}}}
+
+
+def test_report_renders_the_storage_section_and_its_targets(quick_protocol_run):
+    from vfiouser.bench.storage_report import TARGET_STORAGE_RATIO, storage_targets
+
+    results = dict(quick_protocol_run[0])
+    results["storage"] = _fake_storage()
+    checks = storage_targets(results)
+    assert [t["holds"] for t in checks] == [515 / 860 >= TARGET_STORAGE_RATIO, False, True]
+    text = render_markdown(results)
+    for needle in ("## 8. Storage: NVMe and virtio-blk next to QEMU's own",
+                   "| nvme | random read, 4 KiB | 2,200 IOPS | 1,300 IOPS | 0.59× | 180 µs | 300 / 300 µs |",
+                   "| nvme | sequential write, 1 MiB | 700 MB/s | 300 MB/s | 0.43× | 800 µs |",
+                   "Storage against QEMU's own devices (section 8, issue 15): 2 of 3 hold.",
+                   "Where the time goes"):
+        assert needle in text, needle
+    results["storage"] = {"unavailable": "gcc is needed to build the guest's iojob tool"}
+    assert "Not available: gcc is needed" in render_markdown(results)
+    assert [t["holds"] for t in storage_targets(results)] == [None]
+
+
+def test_the_guest_job_tool_builds_and_runs_on_a_host_file(tmp_path):
+    """iojob is what the storage section runs in the guest: freestanding, one line of results."""
+    import subprocess
+
+    from vfiouser.bench.storage import build_iojob
+
+    binary = tmp_path / "iojob"
+    binary.write_bytes(build_iojob(str(tmp_path)))
+    binary.chmod(0o755)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 << 20))
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)  # the tool opens with O_DIRECT, as in the guest
+    os.close(fd)
+    for mode, block in (("seqwrite", 1 << 20), ("randread", 4096), ("seqread", 1 << 20)):
+        out = subprocess.run([str(binary), str(disk), mode, str(block), "1"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        fields = dict(f.split("=") for f in out.stdout.split()[3:])
+        assert out.stdout.startswith(f"iojob {mode} {block} ") and int(fields["ops"]) > 0
+        assert int(fields["bytes"]) == int(fields["ops"]) * block and int(fields["ns"]) >= 10**9
+    assert disk.read_bytes()[512:520] != bytes(8)  # seqwrite stored its pattern
+    bad = subprocess.run([str(binary), str(disk), "sideways", "4096", "1"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown mode" in bad.stderr
+
+
+def test_storage_can_be_run_alone():
+    args = _parser().parse_args(["--quick", "--only", "storage"])
+    assert args.only == ["storage"] and SECTIONS[-1] == "storage"

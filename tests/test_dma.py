@@ -536,3 +536,125 @@ def test_a_client_serving_dma_on_a_thread_never_loses_a_reply(setup):
         done.set()
         t.join(5)
     assert len(moved) > 10 and len(guest.requests) == len(moved)
+
+
+# -- scatter-gather lists and zero-copy loans (storage models move hundreds of pages a command) --
+
+
+def _ram(client, base=0x100000, size=0x20000):
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    client.dma_map(base, size, 3, fd=os.dup(fd))
+    ram = mmap.mmap(fd, size)
+    os.close(fd)
+    return ram
+
+
+SEGMENTS = [(0x100000 + 0x3000, 0x1000), (0x100000 + 0x1000, 0x800), (0x100000 + 0x8100, 0x300)]
+
+
+def test_scatter_gather_in_place_moves_every_segment_in_order_without_a_message(setup):
+    dev, _, client, guest, _ = setup
+    ram = _ram(client)
+    payload = os.urandom(0x1B00)
+    dev.dma.write_sg(SEGMENTS, payload)
+    assert ram[0x3000:0x4000] + ram[0x1000:0x1800] + ram[0x8100:0x8400] == payload
+    assert dev.dma.read_sg(SEGMENTS) == payload
+    assert guest.requests == []
+    ram.close()
+
+
+def test_scatter_gather_falls_back_to_messages_for_memory_that_is_not_in_place(setup):
+    dev, _, client, guest, stop = setup
+    ram = _ram(client)
+    client.dma_map(0x10000, 0x10000, 3)  # message-only
+    serve_client(client, stop)
+    segments = [(0x100000, 0x100), (0x10100, 0x100)]
+    payload = os.urandom(0x200)
+    dev.dma.write_sg(segments, payload)
+    assert ram[0:0x100] == payload[:0x100] and guest.mem[0x100:0x200] == payload[0x100:]
+    assert dev.dma.read_sg(segments) == payload
+    assert [(c, a, n) for c, a, n in guest.requests] == [(Command.DMA_WRITE, 0x10100, 0x100),
+                                                         (Command.DMA_READ, 0x10100, 0x100)]
+    ram.close()
+
+
+def test_write_with_lends_guest_memory_itself_and_takes_it_back(setup):
+    dev, _, client, guest, _ = setup
+    ram = _ram(client)
+    kept = []
+
+    def fill(views):
+        kept.extend(views)
+        assert [len(v) for v in views] == [0x1000, 0x800, 0x300]
+        for i, view in enumerate(views):
+            view[:] = bytes([i + 1]) * len(view)
+        return "done"
+
+    assert dev.dma.write_with(SEGMENTS, fill) == "done"
+    assert ram[0x3000:0x4000] == b"\1" * 0x1000 and ram[0x8100:0x8400] == b"\3" * 0x300
+    with pytest.raises(ValueError):  # the loan ended: a model cannot keep guest memory
+        kept[0][0] = 9
+    assert guest.requests == []
+    ram.close()
+
+
+def test_read_with_lends_read_only_views(setup):
+    dev, _, client, _, _ = setup
+    ram = _ram(client)
+    ram[0x3000:0x3004] = b"abcd"
+    seen = []
+
+    def consume(views):
+        seen.append(bytes(views[0][:4]))
+        with pytest.raises(TypeError):
+            views[0][0] = 0  # guest memory lent for reading is not writable
+        return sum(len(v) for v in views)
+
+    assert dev.dma.read_with(SEGMENTS, consume) == 0x1B00 and seen == [b"abcd"]
+    ram.close()
+
+
+def test_loans_need_the_client_only_where_memory_is_not_in_place(setup):
+    """Without an fd the views are scratch buffers moved by messages, before (read) or after
+    (write) the callback; the model sees the same thing."""
+    dev, _, client, guest, stop = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    serve_client(client, stop)
+    guest.mem[0x2000:0x2003] = b"xyz"
+    assert dev.dma.read_with([(0x12000, 3)], lambda views: bytes(views[0])) == b"xyz"
+    dev.dma.write_with([(0x13000, 2), (0x15000, 2)], lambda views: [v.__setitem__(slice(None), b"hi") for v in views])
+    assert guest.mem[0x3000:0x3002] == b"hi" and guest.mem[0x5000:0x5002] == b"hi"
+
+
+def test_loans_from_a_handler_are_refused_before_the_callback_when_messages_are_needed(setup):
+    dev, _, client, _, _ = setup
+    client.dma_map(0x10000, 0x10000, 3)
+    called = []
+    with dev.lock, pytest.raises(DmaWouldDeadlock):
+        dev.dma.read_with([(0x10000, 16)], called.append)
+    assert called == []
+
+
+def test_unmap_waits_for_a_loan_to_end(setup):
+    dev, _, client, _, _ = setup
+    ram = _ram(client)
+    inside, release = threading.Event(), threading.Event()
+
+    def fill(views):
+        inside.set()
+        release.wait(5)
+        views[0][:4] = b"late"
+
+    worker = threading.Thread(target=dev.dma.write_with, args=([(0x100000, 4)], fill))
+    worker.start()
+    assert inside.wait(5)
+    unmapping = threading.Thread(target=client.dma_unmap, args=(0x100000, 0x20000))
+    unmapping.start()
+    time.sleep(0.2)
+    assert unmapping.is_alive(), "the unmap did not wait for the loan"
+    release.set()
+    worker.join(5)
+    unmapping.join(5)
+    assert ram[0:4] == b"late"
+    ram.close()

@@ -17,7 +17,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", "docs/writing-a-device.md", "docs/systemrdl.md", "docs/hardening.md"]
+PAGES = ["README.md", "docs/writing-a-device.md", "docs/systemrdl.md", "docs/hardening.md", "docs/storage.md"]
 _BLOCK = re.compile(r"^<!-- (example|excerpt|file): ?(.*?) -->\n```[a-z]*\n(.*?)^```$", re.M | re.S)
 
 
@@ -31,6 +31,7 @@ def test_every_page_has_what_it_marks():
     assert blocks("docs/writing-a-device.md", "example") and blocks("docs/writing-a-device.md", "excerpt")
     assert blocks("docs/systemrdl.md", "example") and blocks("docs/systemrdl.md", "file")
     assert blocks("docs/hardening.md", "example") and blocks("docs/hardening.md", "file")
+    assert blocks("docs/storage.md", "example") and len(blocks("docs/storage.md", "excerpt")) >= 4
 
 
 @pytest.mark.parametrize("page", PAGES)

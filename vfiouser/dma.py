@@ -49,6 +49,9 @@ __all__ = ["DmaRegion", "DmaMappings"]
 
 log = logging.getLogger(__name__)
 
+# Plain ints: an IntFlag operation costs microseconds, and device DMA asks for every transfer.
+_READ, _WRITE = int(DmaMapFlags.READ), int(DmaMapFlags.WRITE)
+
 #: Most maps with an fd a session keeps (each holds one fd; QEMU makes a handful).
 MAX_FD_MAPS = 1024
 #: The largest offset a file may have (off_t is signed 64-bit).
@@ -83,11 +86,11 @@ class DmaRegion:
 
     @property
     def readable(self) -> bool:
-        return bool(self.flags & DmaMapFlags.READ)
+        return bool(self.flags & _READ)
 
     @property
     def writable(self) -> bool:
-        return bool(self.flags & DmaMapFlags.WRITE)
+        return bool(self.flags & _WRITE)
 
     def release(self) -> None:
         """Drop the mapping (the views first, then the mmap)."""
@@ -117,7 +120,8 @@ class DmaMappings:
         self.on_remove = on_remove or (lambda region: None)
         self._addrs: list[int] = []
         self._regions: list[DmaRegion] = []
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # never taken twice by one thread
+        self._cond = threading.Condition(self._lock)
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -294,6 +298,46 @@ class DmaMappings:
                 region.users += 1
         return pieces
 
+    def pin(self, addr: int, size: int, write: bool) -> DmaRegion | None:
+        """The one mmapped map that holds all of ``[addr, addr+size)`` for this direction, pinned
+        (:meth:`unpin` it), or None with nothing pinned: the fast path of a device's DMA."""
+        with self._lock:
+            i = bisect.bisect_right(self._addrs, addr) - 1
+            if i < 0:
+                return None
+            region = self._regions[i]
+            if (addr + size > region.addr + region.size or region.mem is None
+                    or not region.flags & (_WRITE if write else _READ)):
+                return None
+            region.users += 1
+            return region
+
+    def unpin(self, region: DmaRegion) -> None:
+        with self._lock:
+            region.users -= 1
+            if region.dead:
+                self._cond.notify_all()
+
+    def acquire_in_place(self, segments, write: bool) -> list[tuple[DmaRegion, int, int]] | None:
+        """Pin the maps of a scatter-gather list when every segment lies inside one mmapped map
+        that allows ``write`` (or read): ``(region, offset, length)`` per segment. None (nothing
+        pinned) otherwise: the caller takes the piece-by-piece path, which reports what is wrong."""
+        pieces = []
+        with self._cond:
+            addrs, regions = self._addrs, self._regions
+            region = None
+            for addr, size in segments:
+                if region is None or not (region.addr <= addr and addr + size <= region.addr + region.size):
+                    i = bisect.bisect_right(addrs, addr) - 1
+                    region = regions[i] if i >= 0 else None
+                    if (region is None or addr + size > region.addr + region.size or region.mem is None
+                            or not region.flags & (_WRITE if write else _READ)):
+                        return None
+                pieces.append((region, addr - region.addr, size))
+            for region, _, _ in pieces:
+                region.users += 1
+        return pieces
+
     def reachable(self, addr: int, size: int, write: bool) -> list[tuple[int, int]]:
         """The parts of ``[addr, addr+size)`` that are mapped and allow ``write`` (or read), in order."""
         end = addr + size
@@ -332,4 +376,5 @@ class DmaMappings:
         with self._cond:
             for region, _, _ in pieces:
                 region.users -= 1
-            self._cond.notify_all()
+                if region.dead:  # an unmap waits for its last user
+                    self._cond.notify_all()

@@ -21,6 +21,7 @@ transfer; DMA_UNMAP fails the transfers waiting on that map.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from contextlib import closing
@@ -85,7 +86,18 @@ class DmaRequester(DmaBackend):
         return not self.closed and self.maps.in_place(addr, size, write)
 
     def read(self, addr: int, size: int, *, may_wait: bool) -> bytes:
-        self._check_open(addr, size)
+        if self.closed:
+            raise DmaUnavailable("the client disconnected", addr, size)
+        region = self.maps.pin(addr, size, False)
+        if region is not None:  # the common case: all of it in one mmapped map, one copy
+            try:
+                self._check_bus_master(addr, size)
+                offset = addr - region.addr
+                return bytes(region.mem[offset : offset + size])
+            except (TypeError, ValueError) as exc:  # released under us after UNMAP_WAIT
+                raise DmaAborted(f"guest memory at {addr:#x} went away: {exc}", addr, size) from None
+            finally:
+                self.maps.unpin(region)
         self._check_wait(addr, size, False, may_wait)
         out = bytearray()
         with closing(self._pieces(addr, size, write=False)) as pieces:
@@ -107,7 +119,19 @@ class DmaRequester(DmaBackend):
 
     def write(self, addr: int, data: bytes, *, may_wait: bool) -> None:
         size = len(data)
-        self._check_open(addr, size)
+        if self.closed:
+            raise DmaUnavailable("the client disconnected", addr, size)
+        region = self.maps.pin(addr, size, True)
+        if region is not None:
+            try:
+                self._check_bus_master(addr, size)
+                offset = addr - region.addr
+                region.mem[offset : offset + size] = data
+                return
+            except (TypeError, ValueError) as exc:  # released under us after UNMAP_WAIT
+                raise DmaAborted(f"guest memory at {addr:#x} went away: {exc}", addr, size) from None
+            finally:
+                self.maps.unpin(region)
         self._check_wait(addr, size, True, may_wait)
         view = memoryview(data)
         pos = 0
@@ -129,6 +153,56 @@ class DmaRequester(DmaBackend):
                     # QEMU 11.1.3 echoes (addr, count); older clients reply with the header only.
                     if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (where, n)):
                         raise DmaAborted("DMA_WRITE reply does not match the request", where, n)
+
+    def read_sg(self, segments, *, may_wait: bool) -> bytes:
+        self._check_open(*segments[0])
+        pinned = self.maps.acquire_in_place(segments, write=False)
+        if pinned is None:
+            return super().read_sg(segments, may_wait=may_wait)
+        try:
+            self._check_bus_master(*segments[0])
+            return b"".join(self._copy(lambda: region.mem[offset : offset + length], region, offset, *segments[0])
+                            for region, offset, length in pinned)
+        finally:
+            self.maps.release(pinned)
+
+    def write_sg(self, segments, data, *, may_wait: bool) -> None:
+        self._check_open(*segments[0])
+        pinned = self.maps.acquire_in_place(segments, write=True)
+        if pinned is None:
+            super().write_sg(segments, data, may_wait=may_wait)
+            return
+        view = memoryview(data)
+        pos = 0
+        try:
+            self._check_bus_master(*segments[0])
+            for region, offset, length in pinned:
+                part = view[pos : pos + length]
+                self._copy(lambda: region.mem.__setitem__(slice(offset, offset + length), part), region, offset,
+                           *segments[0])
+                pos += length
+        finally:
+            self.maps.release(pinned)
+
+    @contextlib.contextmanager
+    def _lent(self, pinned, addr: int, size: int):
+        views = []
+        try:
+            self._check_bus_master(addr, size)
+            try:
+                views = [region.mem[offset : offset + length] for region, offset, length in pinned]
+            except (TypeError, ValueError) as exc:  # released under us after UNMAP_WAIT
+                raise DmaAborted(f"guest memory went away: {exc}", addr, size) from None
+            yield views
+        finally:
+            for view in views:
+                view.release()  # a model cannot keep guest memory past the loan
+            self.maps.release(pinned)
+
+    def lend_sg(self, segments, write: bool):
+        self._check_open(*segments[0])
+        pinned = self.maps.acquire_in_place(segments, write)
+        return None if pinned is None else self._lent(pinned, *segments[0])
 
     # -- checks and pieces -----------------------------------------------------------------
 

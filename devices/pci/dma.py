@@ -6,11 +6,19 @@ A model reaches guest memory through ``self.dma`` (a :class:`Dma`)::
     self.dma.write(addr, b"result")           # bytes -> guest memory
     chunks = self.dma.read_sg([(a1, n1), (a2, n2)])   # scatter-gather
     data = self.dma.read_available(addr, n)   # like a bus: unmapped bytes read 0
+    self.dma.write_with(segments, lambda views: os.preadv(fd, views, offset))  # zero-copy
 
 The backend decides how (:class:`~vfiouser.devices.port.DmaBackend`): with the
 vfio-user server, guest RAM shared through a memory fd is accessed *in place*
 (mmap), other RAM through DMA_READ/DMA_WRITE messages to QEMU. The model does
-not see the difference, except for one rule:
+not see the difference, except for one rule (below). Scatter-gather lists
+move in one pass where the memory is in place, and :meth:`Dma.write_with` /
+:meth:`Dma.read_with` lend guest memory itself to a callback for the length
+of the call (a storage model reads a file straight into the guest's buffers);
+where it is not in place the callback gets scratch buffers that are moved by
+messages, so the model is the same either way.
+
+The rule:
 
 **DMA that needs the client must not come from a register handler.** A handler
 runs while QEMU waits for its reply, and QEMU cannot answer a DMA message until
@@ -38,6 +46,7 @@ decides what a bad address means: an error bit, an error interrupt, ...):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 from vfiouser.devices.errors import DeviceError, DeviceUsageError
@@ -156,18 +165,70 @@ class Dma:
 
     def read_sg(self, segments: Iterable[tuple[int, int]]) -> bytes:
         """Read a scatter-gather list of ``(addr, size)`` segments, concatenated."""
-        return b"".join(self.read(addr, size) for addr, size in segments)
+        segments = self._segments(segments)
+        if not segments:
+            return b""
+        return self.backend.read_sg(segments, may_wait=self._may_wait(*segments[0]))
 
     def write_sg(self, segments: Sequence[tuple[int, int]], data: bytes | bytearray | memoryview) -> None:
         """Spread ``data`` over ``(addr, size)`` segments, in order; their sizes must add up to ``len(data)``."""
-        data = memoryview(bytes(data))
+        data = memoryview(bytes(data)).cast("B")
         total = sum(size for _, size in segments)
         if total != len(data):
             raise DeviceUsageError(f"segments cover {total} bytes, data has {len(data)}")
-        pos = 0
-        for addr, size in segments:
-            self.write(addr, data[pos : pos + size])
-            pos += size
+        segments = self._segments(segments)
+        if not segments:
+            return
+        self.backend.write_sg(segments, data, may_wait=self._may_wait(*segments[0]))
+
+    # -- zero-copy transfers -----------------------------------------------------------------
+
+    def write_with(self, segments: Sequence[tuple[int, int]], fill):
+        """Fill the ``(addr, size)`` segments of guest memory with ``fill(views)``, which gets one
+        writable memoryview per segment and returns anything (returned here).
+
+        Where the backend reaches the memory in place the views *are* guest memory, so a model
+        can, say, ``os.preadv`` a file straight into the guest's buffers; otherwise they are
+        scratch buffers, written to the guest after ``fill`` returns. Either way the views are
+        only valid during the call."""
+        segments = self._segments(segments)
+        if not segments:
+            return fill([])
+        may_wait = self._may_wait(*segments[0])
+        lent = self.backend.lend_sg(segments, True)
+        if lent is not None:
+            with lent as views:
+                return fill(views)
+        scratch = bytearray(sum(size for _, size in segments))
+        view = memoryview(scratch)
+        starts = list(itertools.accumulate((size for _, size in segments), initial=0))
+        result = fill([view[starts[i] : starts[i + 1]] for i in range(len(segments))])
+        self.backend.write_sg(segments, scratch, may_wait=may_wait)
+        return result
+
+    def read_with(self, segments: Sequence[tuple[int, int]], consume):
+        """Hand the guest memory of the ``(addr, size)`` segments to ``consume(views)`` (one
+        read-only memoryview per segment; returns what it returns): in place where the backend
+        can lend it, else copies. The views are only valid during the call."""
+        segments = self._segments(segments)
+        if not segments:
+            return consume([])
+        may_wait = self._may_wait(*segments[0])
+        lent = self.backend.lend_sg(segments, False)
+        if lent is not None:
+            with lent as views:
+                return consume([v.toreadonly() for v in views])
+        data = memoryview(self.backend.read_sg(segments, may_wait=may_wait))
+        starts = list(itertools.accumulate((size for _, size in segments), initial=0))
+        return consume([data[starts[i] : starts[i + 1]] for i in range(len(segments))])
+
+    @staticmethod
+    def _segments(segments) -> list[tuple[int, int]]:
+        out = [(addr, size) for addr, size in segments if size]
+        for addr, size in out:
+            if addr < 0 or size < 0:
+                raise DmaUnmapped(f"invalid DMA segment [{addr:#x}, +{size:#x})", addr, size)
+        return out
 
     # -- best effort, as a PCI bus does it ---------------------------------------------------
 

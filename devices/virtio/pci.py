@@ -298,7 +298,7 @@ class VirtioPciDevice(PciDevice):
         if self.driver_ok:
             for q in self.queues:
                 if q.enabled:
-                    self.defer(self._kick, q.index, self.generation)  # buffers offered before DRIVER_OK
+                    self._defer_kick(q.index)  # buffers offered before DRIVER_OK
 
     @on_write("queue_size")
     @on_write("queue_msix_vector")
@@ -342,7 +342,12 @@ class VirtioPciDevice(PciDevice):
     def _notify_write(self, offset: int, data) -> None:
         index = int.from_bytes(data[:2], "little") if len(data) >= 2 else offset // NOTIFY_MULTIPLIER
         if index < len(self.queues):
-            self.defer(self._kick, index, self.generation)
+            self._defer_kick(index)
+
+    def _defer_kick(self, index: int) -> None:
+        """Serve queue ``index`` on the worker (a model that also serves queues elsewhere
+        overrides this to know when the worker has one)."""
+        self.defer(self._kick, index, self.generation)
 
     def _devcfg_read(self, offset: int, data) -> None:
         blob = self.device_config()

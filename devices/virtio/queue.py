@@ -12,8 +12,21 @@ and a *used* ring (buffers the device has finished with). The device:
    that order, so the driver never sees an index before its data;
 4. interrupts unless the driver set ``VRING_AVAIL_F_NO_INTERRUPT``.
 
-All of it is guest-memory access, so a queue is only processed from deferred
-device work (never in a register handler).
+Two ring features change this when the driver accepts them (the device offers
+them in its ``device_features``; the queue reads what was negotiated):
+
+* **indirect descriptors** (``VIRTIO_RING_F_INDIRECT_DESC``): a descriptor
+  flagged ``INDIRECT`` points at a table of descriptors, which holds the whole
+  chain (one descriptor in the ring, one DMA read for the table);
+* **event index** (``VIRTIO_RING_F_EVENT_IDX``): the driver writes
+  ``used_event`` after its available ring, and the device interrupts only when
+  the used index passes it (:meth:`SplitQueue.wants_interrupt`); the device
+  writes ``avail_event`` after its used ring, and the driver kicks only when
+  its available index passes that (:meth:`SplitQueue.rearm` publishes it and
+  says whether buffers came meanwhile).
+
+All of it is guest-memory access, so a queue is processed from deferred device
+work, or from a handler only where the memory is in place.
 """
 
 from __future__ import annotations
@@ -23,13 +36,16 @@ from dataclasses import dataclass, field
 
 from vfiouser.devices.errors import DefinitionError, DeviceError
 
-__all__ = ["SplitQueue", "Chain", "VirtqueueError"]
+__all__ = ["SplitQueue", "Chain", "VirtqueueError", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX"]
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 NO_VECTOR = 0xFFFF
+#: Feature bits of the ring layout (virtio 1.x, §6).
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
@@ -72,6 +88,13 @@ class SplitQueue:
         self.msix_vector = NO_VECTOR
         self.last_avail = 0
         self.used_idx = 0
+        #: the used index when the driver was last signalled (event index)
+        self.signalled_used = 0
+        #: the avail_event last published (event index)
+        self.avail_event: int | None = None
+
+    def _negotiated(self, feature: int) -> bool:
+        return bool(getattr(self.device, "driver_features", 0) & feature)
 
     # -- the available ring ---------------------------------------------------------
 
@@ -98,13 +121,34 @@ class SplitQueue:
 
     def _walk(self, head: int) -> Chain:
         chain = Chain(head)
-        index = head
-        for _ in range(self.size):
-            if index >= self.size:
-                raise VirtqueueError(f"queue {self.index}: descriptor {index} beyond the table ({self.size})")
-            addr, length, flags, nxt = _DESC.unpack(self.device.dma.read(self.desc + 16 * index, 16))
-            if flags & VRING_DESC_F_INDIRECT:
+        if head >= self.size:
+            raise VirtqueueError(f"queue {self.index}: descriptor {head} beyond the table ({self.size})")
+        addr, length, flags, nxt = _DESC.unpack(self.device.dma.read(self.desc + 16 * head, 16))
+        if flags & VRING_DESC_F_INDIRECT:
+            if not self._negotiated(VIRTIO_RING_F_INDIRECT_DESC):
                 raise VirtqueueError(f"queue {self.index}: indirect descriptors were not negotiated")
+            if flags & VRING_DESC_F_NEXT or not length or length % 16:
+                raise VirtqueueError(f"queue {self.index}: indirect descriptor {head} with NEXT, or a table of "
+                                     f"{length} bytes")
+            table = self.device.dma.read(addr, length)
+            self._follow(chain, lambda i: _DESC.unpack_from(table, 16 * i), length // 16, 0, indirect=True)
+        else:
+            first = (addr, length, flags, nxt)
+            self._follow(chain, lambda i: first if i == head else
+                         _DESC.unpack(self.device.dma.read(self.desc + 16 * i, 16)), self.size, head)
+        return chain
+
+    def _follow(self, chain: Chain, descriptor, count: int, start: int, *, indirect: bool = False) -> None:
+        """Walk ``count`` descriptors' worth of a chain from ``start`` into ``chain``."""
+        index = start
+        for _ in range(count):
+            if index >= count:
+                raise VirtqueueError(f"queue {self.index}: descriptor {index} beyond the table ({count})")
+            addr, length, flags, nxt = descriptor(index)
+            if flags & VRING_DESC_F_INDIRECT:
+                what = "an indirect descriptor inside an indirect table" if indirect else \
+                    "an indirect descriptor inside a chain"
+                raise VirtqueueError(f"queue {self.index}: {what}")
             if flags & VRING_DESC_F_WRITE:
                 chain.writable.append((addr, length))
             elif chain.writable:
@@ -112,9 +156,9 @@ class SplitQueue:
             else:
                 chain.readable.append((addr, length))
             if not flags & VRING_DESC_F_NEXT:
-                return chain
+                return
             index = nxt
-        raise VirtqueueError(f"queue {self.index}: descriptor chain from {head} loops")
+        raise VirtqueueError(f"queue {self.index}: descriptor chain from {start} loops")
 
     # -- the used ring --------------------------------------------------------------
 
@@ -126,5 +170,24 @@ class SplitQueue:
         self.device.dma.write(self.used + 2, self.used_idx.to_bytes(2, "little"))
 
     def wants_interrupt(self) -> bool:
-        """False when the driver asked not to be interrupted (``VRING_AVAIL_F_NO_INTERRUPT``)."""
+        """Whether to signal the driver for the buffers used since the last signal: with the event
+        index, when the used index passed ``used_event``; otherwise unless the driver set
+        ``VRING_AVAIL_F_NO_INTERRUPT``."""
+        if self._negotiated(VIRTIO_RING_F_EVENT_IDX):
+            used_event = self._read16(self.driver + 4 + 2 * self.size)
+            new, old = self.used_idx, self.signalled_used
+            self.signalled_used = new
+            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         return not self._read16(self.driver) & VRING_AVAIL_F_NO_INTERRUPT
+
+    def rearm(self) -> bool:
+        """Before the device stops looking at the queue: with the event index, publish
+        ``avail_event`` (the driver kicks again once it offers a buffer beyond what was taken),
+        then look again; True if buffers arrived meanwhile (keep going). Without the event
+        index the driver kicks for every buffer: always False."""
+        if not self._negotiated(VIRTIO_RING_F_EVENT_IDX) or not self.enabled:
+            return False
+        if self.avail_event != self.last_avail:
+            self.device.dma.write(self.used + 4 + 8 * self.size, self.last_avail.to_bytes(2, "little"))
+            self.avail_event = self.last_avail
+        return self._read16(self.driver + 2) != self.last_avail

@@ -18,6 +18,9 @@ section         what
                 C ``gpio-pci-idio-16`` sample (the reference) and a minimal Python loop:
                 trapped I/O through QEMU, ping-pong, pipelining, each server's CPU time
                 per message (:mod:`.versus_c`)
+``storage``     our NVMe and virtio-blk next to QEMU's own on one image, the same
+                guest jobs (sequential 1 MiB, random 4 KiB, direct I/O), and the
+                server's CPU time per request (:mod:`.storage`)
 ==============  ==================================================================
 
 ``--quick`` runs fewer iterations; ``--only SECTION`` (repeatable) runs some
@@ -40,7 +43,7 @@ __all__ = ["SECTIONS", "Settings", "run", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("latency", "mmap", "protocol", "dma", "writemulti", "guest", "versus-c")
+SECTIONS = ("latency", "mmap", "protocol", "dma", "writemulti", "guest", "versus-c", "storage")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -65,6 +68,9 @@ class Settings:
     #: versus-c, CPU-timed runs, ``(min messages, min clock ticks of server CPU, max seconds)``
     versus_pingpong: tuple[int, int, float] = (20_000, 100, 3.0)
     versus_pipelined: tuple[int, int, float] = (100_000, 100, 1.5)
+    #: storage: seconds per guest job, and alternating boots per implementation
+    storage_seconds: int = 4
+    storage_rounds: int = 3
 
     @classmethod
     def full(cls) -> Settings:
@@ -74,15 +80,17 @@ class Settings:
     @classmethod
     def quick_run(cls) -> Settings:
         return cls(True, 300, 1, 50, 2000, 300, 20_000, (4 << 10, 64 << 10, 1 << 20), 2, 0.02, 200, False,
-                   versus_latency=(1200, 4), versus_pingpong=(5_000, 50, 1.5), versus_pipelined=(20_000, 25, 0.75))
+                   versus_latency=(1200, 4), versus_pingpong=(5_000, 50, 1.5), versus_pipelined=(20_000, 25, 0.75),
+                   storage_seconds=2, storage_rounds=1)
 
 
 def _unavailable_reason(exc: BaseException) -> str | None:
     """A reason text if ``exc`` means "cannot be measured here" rather than "broke"."""
     from ..testing.guest import GuestAssetsMissing
     from ..testing.qemu import QemuNotFound
+    from .storage import IojobUnavailable
 
-    if isinstance(exc, (QemuNotFound, GuestAssetsMissing)):
+    if isinstance(exc, (QemuNotFound, GuestAssetsMissing, IojobUnavailable)):
         return str(exc)
     return None
 
@@ -202,6 +210,16 @@ def _versus_c(results: dict, settings: Settings, placement) -> None:
         pingpong=versus_c.CpuBudget(*settings.versus_pingpong), pipeline=versus_c.CpuBudget(*settings.versus_pipelined))
 
 
+def _storage(results: dict, settings: Settings, placement) -> None:
+    from . import storage
+
+    placement.release()  # the guest and both servers run as a user runs them: unpinned
+    try:
+        results["storage"] = storage.run(seconds=settings.storage_seconds, rounds=settings.storage_rounds)
+    finally:
+        placement.apply_harness()
+
+
 def run(sections=SECTIONS, settings: Settings | None = None, *, pin: bool = True, command: str = "") -> dict:
     """Measure ``sections``; the results as plain data (what the report and ``--json`` use)."""
     from .machine import describe_machine
@@ -221,7 +239,7 @@ def run(sections=SECTIONS, settings: Settings | None = None, *, pin: bool = True
             _guarded(results, sorted(want & {"latency", "mmap"}),
                      lambda: _latency_and_mmap(results, want, settings, placement))
         for key, fn in (("protocol", _protocol), ("dma", _dma), ("writemulti", _writemulti), ("guest", _guest),
-                        ("versus-c", _versus_c)):
+                        ("versus-c", _versus_c), ("storage", _storage)):
             if key in want:
                 log.info("section %s", key)
                 _guarded(results, [key], lambda fn=fn: fn(results, settings, placement))
@@ -305,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
     from .report import targets, versus_c_targets
+    from .storage_report import storage_targets
 
     print("\nTargets (issue 5):")
     for t in targets(results):
@@ -316,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         if unavailable:
             print(f"  the C sample is not available: {unavailable}")
         for t in versus_c_targets(results):
+            holds = {True: "holds", False: "MISSED", None: "not measured"}[t["holds"]]
+            print(f"  {holds:12} {t['target']}: {t['measured']}")
+    if "storage" in sections:
+        print("\nTargets (storage, ours against QEMU's own):")
+        for t in storage_targets(results):
             holds = {True: "holds", False: "MISSED", None: "not measured"}[t["holds"]]
             print(f"  {holds:12} {t['target']}: {t['measured']}")
     failed = [k for k in sections if "error" in results.get(k, {})]

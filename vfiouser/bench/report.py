@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from .storage_report import storage_section, storage_targets
+
 __all__ = ["render_markdown", "write_plot", "targets", "versus_c_targets", "reference_rows", "dma_series",
            "versus_c_series", "TARGET_RATIO", "TARGET_PROCESSING_US",
            "TARGET_PIPELINED", "TARGET_CPU_VS_LOOP", "TARGET_TRAPPED_VS_C"]
@@ -40,6 +42,7 @@ SECTION_TITLES = {
     "writemulti": "5. REGION_WRITE_MULTI under a burst of posted writes",
     "guest": "6. Guest boot and server memory",
     "versus-c": "7. Side by side with C: the idio16 on both engines, libvfio-user's sample and a minimal Python loop",
+    "storage": "8. Storage: NVMe and virtio-blk next to QEMU's own",
 }
 
 
@@ -209,6 +212,11 @@ def _targets_section(results: dict) -> list[str]:
         held = sum(1 for t in vc if t["holds"])
         lines += ["", f"Side by side with C (section 7): {held} of {len(vc)} targets hold "
                       f"({', '.join('yes' if t['holds'] else 'no' if t['holds'] is False else '–' for t in vc)})."]
+    if _status(results, "storage") is None:
+        st = storage_targets(results)
+        rows = [[t["target"], t["measured"], _holds(t["holds"])] for t in st]
+        lines += ["", f"Storage against QEMU's own devices (section 8, issue 15): {sum(1 for t in st if t['holds'])} "
+                      f"of {len(st)} hold.", ""] + _table(["target (issue 15)", "measured", "holds"], rows, "llc")
     return lines
 
 
@@ -842,7 +850,7 @@ def render_markdown(results: dict) -> str:
     """The whole ``docs/performance.md``."""
     parts = [_header(results), _targets_section(results), _latency_section(results), _mmap_section(results),
              _protocol_section(results), _dma_section(results), _writemulti_section(results),
-             _guest_section(results), _versus_c_section(results), _meaning(results)]
+             _guest_section(results), _versus_c_section(results), storage_section(results), _meaning(results)]
     plot = results.get("plot")
     figure = [f"![trapped latency and DMA bandwidth]({plot})", ""] if plot else \
         [f"(No plot: {results.get('plot_error', 'not written')}.)", ""]

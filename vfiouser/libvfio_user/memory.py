@@ -24,6 +24,7 @@ The bus-master bit is checked before every piece, as with our own engine.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import mmap
 
@@ -178,6 +179,36 @@ class GuestMemory(DmaBackend):
                 reply = self._message(found, Command.DMA_WRITE, payload, start + pos, n)
                 if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (start + pos, n)):
                     raise DmaAborted("DMA_WRITE reply does not match the request", start + pos, n)
+
+    def lend_sg(self, segments, write: bool):
+        """Guest memory itself where every segment lies in one range libvfio-user mapped: views
+        on its mapping, valid while the memory lock is held (so no DMA_UNMAP can take it away
+        mid-loan). None otherwise: :class:`~vfiouser.devices.pci.dma.Dma` copies instead."""
+        with self._lock:
+            for addr, size in segments:
+                pieces = self._pieces(addr, size, write)
+                if len(pieces) != 1 or not pieces[0][0].vaddr:
+                    return None
+        return self._lent(segments, write)
+
+    @contextlib.contextmanager
+    def _lent(self, segments, write: bool):
+        views: list[memoryview] = []
+        addr, size = segments[0]
+        with self._lock:  # re-checked under the lock held for the whole loan
+            try:
+                for seg_addr, seg_size in segments:
+                    (found, start, length), = self._pieces(seg_addr, seg_size, write)
+                    if not found.vaddr:
+                        raise DmaAborted(f"guest memory at {start:#x} is no longer mapped in place", addr, size)
+                    raw = memoryview((ctypes.c_char * length).from_address(found.vaddr + start - found.addr))
+                    views.append(raw)
+                    views.append(raw.cast("B"))
+                self._check_bus_master(addr, size)
+                yield views[1::2]
+            finally:
+                for view in reversed(views):
+                    view.release()  # a model cannot keep guest memory past the loan
 
     # -- helpers ---------------------------------------------------------------------------------
 
