@@ -366,6 +366,9 @@ def test_a_large_request_and_those_after_it_go_to_the_worker_in_order(serve, ima
     monkeypatch.setattr(blk_module, "INLINE_LIMIT", 4096)
     dev, drv = _driver(serve, image, inline_io=True)
     assert drv.start(VERSION_1 | INDIRECT | EVENT_IDX) & 4
+    # Enabling the queue defers a kick of its own; on a loaded machine it may not have run yet, and
+    # it would then take the requests below on the worker first. Let it finish.
+    assert dev.worker.wait_idle(10) and dev._on_worker == {}
     gate = threading.Event()
     dev.defer(gate.wait, 10)  # the worker is busy until the gate opens
     payload = os.urandom(8192)
