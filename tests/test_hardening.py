@@ -269,6 +269,19 @@ def test_a_client_reconnecting_right_after_an_abrupt_close_is_served(serve):
             alive(again)
 
 
+def test_a_client_right_after_one_that_connected_and_left_without_a_word_is_served(serve):
+    """Found by the fuzzer (a session cut before its first byte): the silent client's connection
+    was handed to the serving thread but not taken yet when the next client came, and that one
+    got EBUSY although nobody else was there."""
+    server = serve(ProbeDevice())
+    for _ in range(300):
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(server.path)
+        gone.close()  # not a byte sent
+        with Client.connect(server.path) as again:  # at once: no EBUSY
+            alive(again)
+
+
 # 12. virtio-rng trusted descriptor lengths: a 256 MiB writable descriptor (32 KiB mapped) took
 #     RSS from 23 MB to 536 MB before failing.
 
