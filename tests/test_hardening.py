@@ -377,6 +377,24 @@ def test_any_exception_in_a_model_becomes_an_error_reply(serve, caplog, exc):
     assert exc.__name__ in caplog.text
 
 
+# 9. Memory grew by about 1.1 KB per session: two logging.Logger objects per client were never freed.
+#    (tests/test_soak.py pins the server's RSS over 2,000 clients.)
+
+def test_clients_leave_no_logger_behind(serve):
+    import logging
+
+    server = serve(ProbeDevice())
+    with Client.connect(server.path) as c:  # the loggers made once (the test client's own among them)
+        alive(c)
+    assert server.wait_idle(5)
+    before = set(logging.Logger.manager.loggerDict)
+    for _ in range(30):
+        with Client.connect(server.path) as c:
+            alive(c)
+    assert server.wait_idle(5)
+    assert set(logging.Logger.manager.loggerDict) == before, "a logger per client is never freed"
+
+
 # 10. Memory grew with distinct unclaimed accesses (the set of offsets already warned about).
 
 def test_unclaimed_accesses_are_remembered_in_bounded_memory(caplog):
