@@ -7,6 +7,7 @@ import os
 
 from .wire import RAM_SIZE
 
+
 class FdFactory:
     """Makes the fds a plan names, and closes the ones it keeps at the end of a session.
 

@@ -8,8 +8,9 @@ import struct
 
 from ..protocol import Command
 from .mutations import mutate
-from .shapes import (DeviceProfile, adapt, fire_vectors, kvm_intx, msi_setup, poke, with_write_multi)
+from .shapes import DeviceProfile, adapt, fire_vectors, kvm_intx, msi_setup, poke, with_write_multi
 from .wire import ACCESS, CONFIG_REGION, HDR, Msg, SessionPlan
+
 
 def build_plan(seed: int, device: str, number: int, prof: DeviceProfile,
                shapes: dict[str, list[Msg]]) -> SessionPlan:

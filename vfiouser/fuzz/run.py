@@ -14,9 +14,9 @@ from .. import fastpath
 from .child import ServerProcess
 from .plan import build_plan, iter_plans
 from .replies import SessionResult
+from .player import SessionRunner
 from .report import Report, describe_plan
 from .shapes import device_profile, load_shapes
-from .player import SessionRunner
 from .watch import ResourceWatch
 from .wire import BUILTIN, FuzzFailure, SessionPlan
 

@@ -161,6 +161,7 @@ def ranges(indexes) -> str:
 
 
 def cmd_name(cmd: int) -> str:
+    """The command's name (``CMD_<n>`` for a number the protocol does not define)."""
     try:
         return Command(cmd).name
     except ValueError:
