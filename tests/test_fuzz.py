@@ -92,7 +92,7 @@ def test_the_ci_run_over_every_device_passes_on_the_users_engine(tmp_path):
     out = fuzz(args, timeout=600, env={**env, "VFIOUSER_PURE_PYTHON": "0"}, cwd=tmp_path)
     sessions, messages, replies, error_replies, fds, threads, maps, _ = passed(out, user_engine())
     assert sessions > 300 and messages > 18000 and replies > messages // 2 and error_replies > 300
-    assert fds <= 2 and threads <= 1 and maps <= 16  # the fuzzer fails beyond these; the line says so
+    assert fds <= 2 and threads <= 2 and maps <= 16  # the fuzzer fails beyond these; the line says so
     for device in BUILTIN:
         assert f"fuzz: {device}: peak fds=" in out.stdout
     text = (tmp_path / "fuzz.md").read_text()
