@@ -269,6 +269,19 @@ def test_a_client_reconnecting_right_after_an_abrupt_close_is_served(serve):
             alive(again)
 
 
+def test_a_client_right_after_one_that_connected_and_left_without_a_word_is_served(serve):
+    """Found by the fuzzer (a session cut before its first byte): the silent client's connection
+    was handed to the serving thread but not taken yet when the next client came, and that one
+    got EBUSY although nobody else was there."""
+    server = serve(ProbeDevice())
+    for _ in range(300):
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(server.path)
+        gone.close()  # not a byte sent
+        with Client.connect(server.path) as again:  # at once: no EBUSY
+            alive(again)
+
+
 # 12. virtio-rng trusted descriptor lengths: a 256 MiB writable descriptor (32 KiB mapped) took
 #     RSS from 23 MB to 536 MB before failing.
 
@@ -362,6 +375,24 @@ def test_any_exception_in_a_model_becomes_an_error_reply(serve, caplog, exc):
         dev.defer(ran.append, "next")
         assert dev.worker.wait_idle(5) and ran == ["next"]
     assert exc.__name__ in caplog.text
+
+
+# 9. Memory grew by about 1.1 KB per session: two logging.Logger objects per client were never freed.
+#    (tests/test_soak.py pins the server's RSS over 2,000 clients.)
+
+def test_clients_leave_no_logger_behind(serve):
+    import logging
+
+    server = serve(ProbeDevice())
+    with Client.connect(server.path) as c:  # the loggers made once (the test client's own among them)
+        alive(c)
+    assert server.wait_idle(5)
+    before = set(logging.Logger.manager.loggerDict)
+    for _ in range(30):
+        with Client.connect(server.path) as c:
+            alive(c)
+    assert server.wait_idle(5)
+    assert set(logging.Logger.manager.loggerDict) == before, "a logger per client is never freed"
 
 
 # 10. Memory grew with distinct unclaimed accesses (the set of offsets already warned about).

@@ -488,10 +488,11 @@ class Server:
 
     def _hand_over(self, conn, initial: bytes) -> bool:
         """Give ``conn`` to the serving thread if no client is served (control thread); a client
-        whose peer has already hung up is waited for (up to a second) first, so one that
-        reconnects right after an abrupt close is served, not told EBUSY."""
-        session = self.session
-        if session is not None and _hung_up(session.transport.sock):
+        whose peer has already hung up (served, or handed over and not taken yet) is waited for
+        (up to a second) first, so one that reconnects right after an abrupt close is served,
+        not told EBUSY."""
+        session, pending = self.session, self._handoff
+        if (session is not None and _hung_up(session.transport.sock)) or (pending is not None and _hung_up(pending[0])):
             self._idle.wait(1.0)  # the serving thread reads its end of stream and ends it
         with self._cond:
             if self.session is not None or self._handoff is not None or self._stopping:
