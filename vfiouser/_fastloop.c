@@ -80,19 +80,47 @@ static double monotonic(void)
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* The cyclic GC must see what the loop refers to: a session's objects may form cycles through
+ * it (it holds bound methods of the session's outbox, dispatcher and port, and a frame that holds
+ * the loop can be reachable from the session, e.g. through a stored exception's traceback).
+ * Without tp_traverse such a cycle looks externally referenced and is never freed. */
+static int
+fastloop_traverse(FastLoop *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->region_read);
+    Py_VISIT(self->region_write);
+    Py_VISIT(self->hold);
+    Py_VISIT(self->release);
+    Py_VISIT(self->outbox);
+    Py_VISIT(self->failed);
+    Py_VISIT(self->lock_acquire);
+    Py_VISIT(self->lock_release);
+    Py_VISIT(self->send_rest);
+    Py_VISIT(self->watchdog);
+    return 0;
+}
+
+static int
+fastloop_clear(FastLoop *self)
+{
+    Py_CLEAR(self->region_read);
+    Py_CLEAR(self->region_write);
+    Py_CLEAR(self->hold);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->outbox);
+    Py_CLEAR(self->failed);
+    Py_CLEAR(self->lock_acquire);
+    Py_CLEAR(self->lock_release);
+    Py_CLEAR(self->send_rest);
+    Py_CLEAR(self->watchdog);
+    return 0;
+}
+
 static void
 fastloop_dealloc(FastLoop *self)
 {
-    Py_XDECREF(self->region_read);
-    Py_XDECREF(self->region_write);
-    Py_XDECREF(self->hold);
-    Py_XDECREF(self->release);
-    Py_XDECREF(self->outbox);
-    Py_XDECREF(self->failed);
-    Py_XDECREF(self->lock_acquire);
-    Py_XDECREF(self->lock_release);
-    Py_XDECREF(self->send_rest);
-    Py_XDECREF(self->watchdog);
+    PyObject_GC_UnTrack(self);
+    fastloop_clear(self);
     PyMem_Free(self->buf);
     PyMem_Free(self->anc);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -103,30 +131,45 @@ fastloop_init(FastLoop *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "region_read", "region_write", "hold", "release", "outbox", "failed",
                              "send_lock", "send_rest", "watchdog", "max_xfer", "anc_size", "spin", NULL};
-    PyObject *lock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd", kwlist, &self->fd, &self->region_read,
-                                     &self->region_write, &self->hold, &self->release, &self->outbox,
-                                     &self->failed, &lock, &self->send_rest, &self->watchdog, &self->max_xfer,
-                                     &self->anc_size, &self->spin))
+    PyObject *region_read, *region_write, *hold, *release, *outbox, *failed, *lock, *send_rest, *watchdog;
+    int fd;
+    Py_ssize_t max_xfer, anc_size;
+    double spin;
+    /* parsed into locals (borrowed): the object's fields own references, also after a failure */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd", kwlist, &fd, &region_read, &region_write, &hold,
+                                     &release, &outbox, &failed, &lock, &send_rest, &watchdog, &max_xfer,
+                                     &anc_size, &spin))
         return -1;
-    Py_INCREF(self->region_read);
-    Py_INCREF(self->region_write);
-    Py_INCREF(self->hold);
-    Py_INCREF(self->release);
-    Py_INCREF(self->outbox);
-    Py_INCREF(self->failed);
-    Py_INCREF(self->send_rest);
-    Py_INCREF(self->watchdog);
-    self->lock_acquire = PyObject_GetAttrString(lock, "acquire");
-    self->lock_release = PyObject_GetAttrString(lock, "release");
-    if (self->lock_acquire == NULL || self->lock_release == NULL)
-        return -1;
-    if (self->anc_size < 0 || self->anc_size > 4096) {
+    if (anc_size < 0 || anc_size > 4096) {
         PyErr_SetString(PyExc_ValueError, "anc_size out of range");
         return -1;
     }
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *unlock = acquire == NULL ? NULL : PyObject_GetAttrString(lock, "release");
+    if (unlock == NULL) {
+        Py_XDECREF(acquire);
+        return -1;
+    }
+    fastloop_clear(self); /* __init__ called again: drop what the first call took */
+    PyMem_Free(self->buf);
+    PyMem_Free(self->anc);
+    self->buf = self->anc = NULL;
+    self->fd = fd;
+    self->max_xfer = max_xfer;
+    self->anc_size = anc_size;
+    self->spin = spin;
+    self->region_read = Py_NewRef(region_read);
+    self->region_write = Py_NewRef(region_write);
+    self->hold = Py_NewRef(hold);
+    self->release = Py_NewRef(release);
+    self->outbox = Py_NewRef(outbox);
+    self->failed = Py_NewRef(failed);
+    self->send_rest = Py_NewRef(send_rest);
+    self->watchdog = Py_NewRef(watchdog);
+    self->lock_acquire = acquire;
+    self->lock_release = unlock;
     self->buf = PyMem_Malloc(BUF_SIZE);
-    self->anc = PyMem_Malloc(self->anc_size ? self->anc_size : 1);
+    self->anc = PyMem_Malloc(anc_size ? anc_size : 1);
     if (self->buf == NULL || self->anc == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -412,6 +455,10 @@ fastloop_run(FastLoop *self, PyObject *Py_UNUSED(ignored))
 {
     struct iovec iov;
     struct msghdr msg;
+    if (self->buf == NULL || self->anc == NULL || self->hold == NULL) { /* not initialised, or cleared by the GC */
+        PyErr_SetString(PyExc_RuntimeError, "FastLoop is not initialised");
+        return NULL;
+    }
     for (;;) {
         memset(&msg, 0, sizeof(msg));
         iov.iov_base = self->buf;
@@ -493,7 +540,9 @@ static PyTypeObject FastLoopType = {
     .tp_name = "vfiouser._fastloop.FastLoop",
     .tp_doc = PyDoc_STR("The serving thread's hot loop for one session (see the module docstring)."),
     .tp_basicsize = sizeof(FastLoop),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)fastloop_traverse,
+    .tp_clear = (inquiry)fastloop_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)fastloop_init,
     .tp_dealloc = (destructor)fastloop_dealloc,
