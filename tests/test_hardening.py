@@ -454,3 +454,62 @@ def test_a_server_stuck_in_a_handler_still_stops_and_says_why(tmp_path, second_s
     assert took < (2 if second_signal else 7) and not os.path.exists(sock)
     assert "x-msg-timeout" in err and "exiting now" in err
     c.close()
+
+
+# 12. A command the server refuses (a server-to-client command, an unsupported one) was raised
+# from one stored exception, and every raise chained a new traceback onto it: each refused message
+# kept its frames (and the payload they hold, which can pin a receive buffer) until the client left.
+
+def test_refused_commands_are_forgotten_once_answered():
+    import gc
+    import json
+    import logging
+    import select
+    import types
+
+    from vfiouser.client import DEFAULT_CLIENT_CAPS
+    from vfiouser.devices.pci.firmware import bring_up
+    from vfiouser.protocol import HEADER, HEADER_SIZE, Version
+    from vfiouser.session import Session
+
+    def send(peer, cmd, payload, msg_id):
+        peer.sendall(HEADER.pack(msg_id, int(cmd), HEADER_SIZE + len(payload), 0, 0) + payload)
+
+    def live(kind) -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, kind))
+
+    dev = ProbeDevice()
+    bring_up(dev.port)
+    sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    session = Session(sock, dev.port, name="refused")
+
+    def answer():
+        """Serve until the reply is there (a large message may take more than one read)."""
+        for _ in range(100):
+            assert session.on_readable()
+            if select.select([peer], [], [], 0)[0]:
+                return peer.recv(4096)
+        raise AssertionError("no reply")
+
+    def refuse(n):
+        for i in range(n):
+            for cmd in (Command.DMA_WRITE, 0x7F):  # a server-to-client command, an unknown one
+                send(peer, cmd, b"\0" * 4096, i)
+                reply = answer()
+                assert HEADER.unpack_from(reply)[1:3] == (int(cmd), HEADER_SIZE)
+                assert HEADER.unpack_from(reply)[3] & MsgFlags.ERROR
+
+    try:
+        send(peer, Command.VERSION, Version.build(dict(major=0, minor=0, json=json.dumps(DEFAULT_CLIENT_CAPS))), 0)
+        answer()
+        refuse(5)
+        logging.disable(logging.CRITICAL)  # pytest keeps every record, and a record holds its error
+        frames, tracebacks = live(types.FrameType), live(types.TracebackType)
+        refuse(100)
+        assert live(types.FrameType) - frames < 20, "refused messages keep their frames alive"
+        assert live(types.TracebackType) - tracebacks < 20, "refused messages keep their tracebacks alive"
+    finally:
+        logging.disable(logging.NOTSET)
+        session.close()
+        peer.close()

@@ -65,7 +65,9 @@ _WRITE_PAYLOAD = {n: struct.Struct(f"{REGION_ACCESS.format}{n}s") for n in (1, 2
 
 def _refuse(exc: Exception):
     def handler(frame):
-        raise exc
+        # one exception for every refusal: without dropping the last traceback, each raise
+        # would chain onto it and keep every refused message's frames until the session ends
+        raise exc.with_traceback(None)
 
     return handler
 
