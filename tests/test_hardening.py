@@ -3,9 +3,12 @@ leak or kill the server. One test per defect found by probing the server as an a
 careless device author would; each failed before its fix."""
 
 import errno
+import fcntl
 import os
 import resource
 import socket
+import struct
+import termios
 import time
 
 import pytest
@@ -170,9 +173,17 @@ def test_fds_sent_with_fragments_of_a_message_are_closed_at_once(client):
                 pass
         return kinds.count("anon_inode:[eventfd]")
 
-    deadline = time.monotonic() + 2
-    while held_eventfds() > 16 and time.monotonic() < deadline:
+    def unread() -> int:
+        """Bytes the server has not read yet (an AF_UNIX socket's send queue holds them, fds
+        included, until the peer reads them)."""
+        return struct.unpack("i", fcntl.ioctl(client.transport.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+    # Only once every fragment is read can no new fd arrive: until then the count may dip to 16
+    # between two fragments and rise again.
+    deadline = time.monotonic() + 15
+    while (unread() or held_eventfds() > 16) and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert unread() == 0, "the server stopped reading the fragments"
     assert held_eventfds() <= 16, "the server holds fds sent with message fragments"
 
 
