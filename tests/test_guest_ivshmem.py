@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+import vfiouser.bench
 from vfiouser.devices.ivshmem import Ivshmem
 
 from .conftest import real_parts_required
@@ -49,7 +50,8 @@ def shmpoke(tmp_path_factory):
         pytest.skip("gcc is needed to build the guest's shmpoke tool")
     out = tmp_path_factory.mktemp("shmpoke") / "shmpoke"
     subprocess.run([gcc, "-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
-                    "-fno-pie", "-no-pie", "-o", str(out), os.path.join(HERE, "guest", "shmpoke.c")], check=True)
+                    "-fno-pie", "-no-pie", "-I", os.path.dirname(vfiouser.bench.__file__),  # freestanding.h
+                    "-o", str(out), os.path.join(HERE, "guest", "shmpoke.c")], check=True)
     return out  # a host path: linux_guest copies it into the guest
 
 

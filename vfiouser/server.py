@@ -45,7 +45,7 @@ from .session import Session
 from .watchdog import LoopWatchdog
 
 __all__ = ["Server", "SocketInUse", "SocketPathError", "serve_in_thread", "device_json", "prepare_socket_path",
-           "MAX_SOCKET_PATH"]
+           "remove_socket_path", "MAX_SOCKET_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,16 @@ def prepare_socket_path(path: str) -> None:
     finally:
         probe.close()
     raise SocketInUse(f"{path} is in use by a running server")
+
+
+def remove_socket_path(path: str) -> None:
+    """Remove the socket a server listened on, if it is still a socket (never another file put
+    there meanwhile); nothing if it is already gone."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class Server:
@@ -439,11 +449,7 @@ class Server:
             if fd < 0:
                 continue
             os.close(fd)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_socket_path(self.path)
         log.info("server on %s closed", self.path)
 
     def __enter__(self) -> Server:

@@ -16,15 +16,9 @@
  * 3 if an I/O fails (the failing call's errno is printed).
  */
 
-#define SYS_write 1
-#define SYS_open 2
-#define SYS_close 3
-#define SYS_lseek 8
-#define SYS_mmap 9
-#define SYS_pread64 17
-#define SYS_pwrite64 18
-#define SYS_exit 60
-#define SYS_clock_gettime 228
+#define PROGRAM "iojob"
+#include "freestanding.h"
+
 #define O_RDONLY 0
 #define O_RDWR 2
 #define O_DIRECT 040000
@@ -34,78 +28,6 @@
 #define MAP_PRIVATE 2
 #define MAP_ANONYMOUS 0x20
 #define CLOCK_MONOTONIC 1
-
-static long sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-    long ret;
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
-
-static unsigned long len(const char *s)
-{
-    unsigned long n = 0;
-    while (s[n])
-        n++;
-    return n;
-}
-
-static void out(int fd, const char *s) { sys6(SYS_write, fd, (long)s, (long)len(s), 0, 0, 0); }
-
-static void out_num(int fd, unsigned long v)
-{
-    char buf[24];
-    int i = sizeof(buf) - 1;
-    buf[i] = 0;
-    do {
-        buf[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    out(fd, buf + i);
-}
-
-static __attribute__((noreturn)) void quit(int code, const char *why, long err)
-{
-    if (why) {
-        out(2, "iojob: ");
-        out(2, why);
-        if (err) {
-            out(2, " (errno ");
-            out_num(2, (unsigned long)-err);
-            out(2, ")");
-        }
-        out(2, "\n");
-    }
-    sys6(SYS_exit, code, 0, 0, 0, 0, 0);
-    for (;;)
-        ;
-}
-
-static int same(const char *a, const char *b)
-{
-    while (*a && *a == *b)
-        a++, b++;
-    return *a == *b;
-}
-
-static unsigned long number(const char *s)
-{
-    unsigned long v = 0;
-    if (!*s)
-        quit(1, "empty number", 0);
-    for (; *s; s++) {
-        if (*s < '0' || *s > '9')
-            quit(1, "bad number", 0);
-        v = v * 10 + (unsigned long)(*s - '0');
-    }
-    return v;
-}
 
 static unsigned long now_ns(void)
 {
@@ -187,10 +109,4 @@ void iojob_main(long *sp)
     quit(0, 0, 0);
 }
 
-__asm__(".globl _start\n"
-        "_start:\n"
-        "  xor %rbp, %rbp\n"
-        "  mov %rsp, %rdi\n"
-        "  and $-16, %rsp\n"
-        "  call iojob_main\n"
-        "  hlt\n");
+FREESTANDING_START(iojob_main);

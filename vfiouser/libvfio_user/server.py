@@ -39,7 +39,6 @@ import fcntl
 import logging
 import os
 import select
-import stat
 import struct
 import termios
 import threading
@@ -48,7 +47,7 @@ import time
 from vfiouser.devices.port import ResetReason, as_port
 
 from ..protocol import HEADER, HEADER_SIZE, Command, Layout, MsgFlags, MsgType
-from ..server import device_json, prepare_socket_path
+from ..server import device_json, prepare_socket_path, remove_socket_path
 from .bindings import IrqType, Library, LibvfioUserError
 from .context import Context
 from .interrupts import Interrupts
@@ -161,11 +160,7 @@ class LibvfioUserServer:
         if session is not None:
             self._end_session()
         os.close(self._wake_fd)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_socket_path(self.path)
         log.info("server on %s closed", self.path)
 
     def __enter__(self) -> LibvfioUserServer:
