@@ -10,7 +10,9 @@ driver against the same model.
 from __future__ import annotations
 
 import os
+import random
 import struct
+import threading
 import time
 
 import pytest
@@ -19,6 +21,7 @@ from vfiouser.devices import DeviceLoadError, make_device
 from vfiouser.devices.disk import DiskImageError, DiskIoError
 from vfiouser.devices.errors import DefinitionError
 from vfiouser.devices.nvme import NvmeController
+from vfiouser.devices.nvme.queues import PrpError, prp_segments
 from vfiouser.devices.nvme.spec import AdminOpcode, Command, NvmOpcode, Status
 
 from .nvme_host import CC, CSTS, DATA, INTMC, INTMS, RAM, nvme_host
@@ -434,3 +437,114 @@ def test_definition_errors(tmp_path, image):
         make_device("nvme", {"file": image, "queues": "many"})
     dev = make_device("nvme", {"file": image, "queues": "2", "readonly": "on", "serial": "ABC"})
     assert dev.max_queues == 2 and dev.disk.readonly and dev.serial == "ABC"
+
+
+def test_prp_lists_name_exactly_the_pages_a_walk_does():
+    """PRP1 with an offset, list pages chained through their last slot, contiguous pages merged,
+    the last page cut to the length: the segments cover the same bytes, in the same order, as a
+    walk of the entries one page at a time."""
+    page = 4096
+    rng = random.Random(20261201)
+    for _ in range(300):
+        length = rng.randrange(1, 600 * page)
+        prp1 = rng.randrange(1, 1 << 20) * page + rng.choice([0, 0, 512, rng.randrange(0, page, 4)])
+        first = min(length, page - prp1 % page)
+        count = -(-(length - first) // page)
+        pages, addr = [], prp1 - prp1 % page
+        for _ in range(count):  # runs of contiguous pages and jumps, as a guest's buffers have
+            addr = addr + page if rng.random() < 0.6 else rng.randrange(1, 1 << 20) * page
+            pages.append(addr)
+        memory: dict[int, int] = {}
+        prp2 = pages[0] if count == 1 else rng.randrange(1 << 21, 1 << 22) * page + rng.randrange(0, page, 8)
+        if count > 1:  # lay the list out, chaining full list pages
+            at, rest = prp2, list(pages)
+            while rest:
+                room = (page - at % page) // 8
+                take = rest[:room] if len(rest) <= room else rest[: room - 1]
+                del rest[: len(take)]
+                for i, entry in enumerate(take):
+                    memory[at + 8 * i] = entry
+                if rest:
+                    nxt = rng.randrange(1 << 22, 1 << 23) * page
+                    memory[at + 8 * len(take)] = nxt
+                    at = nxt
+        segments = prp_segments(prp1, prp2, length, lambda a, n: [memory[a + 8 * i] for i in range(n)])
+        walk, left = [(prp1, first)], length - first
+        for entry in pages:
+            walk.append((entry, min(page, left)))
+            left -= page
+        merged: list[tuple[int, int]] = []
+        for a, n in walk:
+            if merged and merged[-1][0] + merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((a, n))
+        assert segments == merged
+    with pytest.raises(PrpError):
+        prp_segments(0x1000, 0x2000, 3 * page, lambda a, n: [0x5000, 0x6001][:n])
+
+
+def _large(host, opcode: int, slba: int, blocks: int, buf: int, prp_list: int) -> Command:
+    """A command for ``blocks`` sectors of contiguous pages at RAM offset ``buf``, its PRP list
+    at RAM offset ``prp_list`` (so several can be in flight)."""
+    pages = [RAM + buf + 4096 * i for i in range(blocks * 512 // 4096)]
+    host.poke(prp_list, struct.pack(f"<{len(pages) - 1}Q", *pages[1:]))
+    return Command(opcode, 0, 0, 1, pages[0], RAM + prp_list, slba, 0, blocks - 1, 0, 0, 0)
+
+
+def test_large_transfers_queued_together_run_at_once_and_all_complete(host, image, monkeypatch):
+    """Linux splits a 1 MiB request into commands of 128 pages and queues them together: they run
+    side by side on the controller's I/O threads (as QEMU's own devices hand them to a thread
+    pool), each completes with its data in place, and the host hears of them."""
+    disk, both, names = host.dev.disk, threading.Barrier(2, timeout=5), set()
+    real = disk.write_from
+
+    def write_from(offset, views):
+        names.add(threading.current_thread().name)
+        both.wait()  # returns only when both transfers are inside at the same time
+        real(offset, views)
+
+    monkeypatch.setattr(disk, "write_from", write_from)
+    a, b = os.urandom(256 << 10), os.urandom(256 << 10)
+    host.poke(DATA, a)
+    host.poke(DATA + (256 << 10), b)
+    first = host.submit(1, _large(host, NvmOpcode.WRITE, 0, 512, DATA, 0x8_0000), ring=False)
+    second = host.submit(1, _large(host, NvmOpcode.WRITE, 4096, 512, DATA + (256 << 10), 0x8_1000))
+    done = {host.reap(1)[:2] for _ in range(2)}
+    assert done == {(first, 0), (second, 0)}
+    assert len(names) == 2 and all(name.startswith("NvmeController-io") for name in names), names
+    with open(image, "rb") as f:
+        assert f.read(256 << 10) == a
+        f.seek(4096 * 512)
+        assert f.read(256 << 10) == b
+    monkeypatch.undo()
+    host.poke(DATA, bytes(512 << 10))
+    host.submit(1, _large(host, NvmOpcode.READ, 4096, 512, DATA, 0x8_0000), ring=False)
+    host.submit(1, _large(host, NvmOpcode.READ, 0, 512, DATA + (256 << 10), 0x8_1000))
+    assert {host.reap(1)[1] for _ in range(2)} == {0}
+    assert host.peek(DATA, 256 << 10) == b and host.peek(DATA + (256 << 10), 256 << 10) == a
+
+
+def test_a_shutdown_flushes_after_the_large_transfers_still_running(host, monkeypatch):
+    disk, go, order = host.dev.disk, threading.Event(), []
+    real_write, real_flush = disk.write_from, disk.flush
+
+    def write_from(offset, views):
+        go.wait(5)
+        order.append("write")
+        real_write(offset, views)
+
+    def flush():
+        order.append("flush")
+        real_flush()
+
+    monkeypatch.setattr(disk, "write_from", write_from)
+    monkeypatch.setattr(disk, "flush", flush)
+    cid = host.submit(1, _large(host, NvmOpcode.WRITE, 0, 512, DATA, 0x8_0000))
+    host.set_reg(CC, host.reg(CC) | 1 << 14)  # normal shutdown, the write still running
+    time.sleep(0.3)
+    assert host.reg(CSTS) & 0xC != 0x8 and order == [], "shutdown completed before the write ended"
+    go.set()
+    host.wait_csts(0xC, 0x8)
+    assert order[:2] == ["write", "flush"]
+    assert host.reap(1)[:2] == (cid, 0)

@@ -249,6 +249,8 @@ class NvmeController(PciDevice):
 
     def _shutdown(self, generation: int) -> None:
         """CC.SHN (deferred): what the host wrote is made durable, then CSTS.SHST says complete."""
+        if not self.queues.wait_io():
+            self.log.warning("shutdown: large transfers still running after 30 s; flushing anyway")
         try:
             self.disk.flush()
         except Exception:

@@ -17,11 +17,22 @@ Where an SQ runs: the admin queue always on the device's worker (deferred
 work, as any model's DMA). An I/O queue whose rings are guest memory the
 server reaches in place runs right in its doorbell's handler: in-place DMA
 needs no message, so it may, and it saves a wake-up of another thread on the
-path of every I/O. Two things send the rest of the queue to the worker from
-the command that meets them: a transfer larger than :data:`INLINE_LIMIT` (it
-would hold the serving thread), and memory that would need a DMA message
-(DMA raises ``DmaWouldDeadlock`` before a byte moves; then every queue goes
-to the worker until the next controller enable).
+path of every I/O. Memory that would need a DMA message sends the rest of the
+queue to the worker from the command that meets it (DMA raises
+``DmaWouldDeadlock`` before a byte moves; then every queue goes to the worker
+until the next controller enable).
+
+A read or write larger than :data:`INLINE_LIMIT` runs on one of
+:data:`IO_THREADS` I/O threads instead, wherever its queue runs: it would hold
+the serving thread, and the host often has several in flight at once (Linux
+splits a 1 MiB request into commands of at most 128 pages), which then
+overlap, as in QEMU's own devices, whose block layer hands them to a thread
+pool. The queue goes on with the next command meanwhile; the completion is
+posted when the transfer ends, so large commands may complete out of order
+(NVMe allows it), and the last one running for a CQ sends its interrupt. A
+controller reset does not wait for them: what they post after it is dropped
+(the generation), and a transfer queued but not yet started never starts. A
+shutdown (CC.SHN) waits for them before it flushes the image.
 
 Completions go to a CQ's backlog when it is full, and out when the host frees
 entries. A command that cannot be fetched, or a completion that cannot be
@@ -31,6 +42,9 @@ Buffer Config) are kept here too: see :mod:`.queues` for what they are.
 
 from __future__ import annotations
 
+import logging
+import threading
+from queue import SimpleQueue
 from typing import TYPE_CHECKING
 
 from vfiouser.devices.pci import DmaError, DmaWouldDeadlock
@@ -41,7 +55,9 @@ from .spec import CSTS_CFS, CSTS_RDY, DOORBELL_BASE, EVENT_PARKED, SQE_SIZE, Com
 if TYPE_CHECKING:
     from .controller import NvmeController
 
-__all__ = ["QueueEngine", "FETCH_BATCH", "INTERRUPT_BATCH", "INLINE_LIMIT"]
+__all__ = ["QueueEngine", "FETCH_BATCH", "INTERRUPT_BATCH", "INLINE_LIMIT", "IO_THREADS"]
+
+log = logging.getLogger(__name__)
 
 #: Commands fetched from an SQ in one DMA read.
 FETCH_BATCH = 32
@@ -50,6 +66,38 @@ INTERRUPT_BATCH = 32
 #: Largest transfer run in a doorbell's handler: a bigger one would hold the serving thread (and
 #: every message QEMU sends the device meanwhile) for a millisecond, so the worker does it.
 INLINE_LIMIT = 64 << 10
+#: Threads that run reads and writes larger than :data:`INLINE_LIMIT` (see the module docstring);
+#: 0 runs them on the worker, one after the other.
+IO_THREADS = 2
+
+
+class IoThreads:
+    """Daemon threads that run large transfers in parallel, started on first use (one per
+    submission until there are ``count``); idle ones wait on the queue, costing nothing."""
+
+    def __init__(self, name: str, count: int) -> None:
+        self.name, self.count = name, count
+        self._queue: SimpleQueue = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args) -> None:
+        if len(self._threads) < self.count:
+            with self._lock:
+                if len(self._threads) < self.count:
+                    thread = threading.Thread(target=self._run, name=f"{self.name}-io{len(self._threads)}",
+                                              daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception:  # a task's own errors are its business; the thread goes on
+                log.exception("%s: I/O task failed", self.name)
 
 
 class QueueEngine:
@@ -67,6 +115,10 @@ class QueueEngine:
         #: (shadow doorbell page, event index page) once the host sent Doorbell Buffer Config
         self.shadow: tuple[int, int] | None = None
         self._warned: set[tuple] = set()
+        #: large transfers (see the module docstring); None: on the worker, in turn
+        self.io = IoThreads(type(ctrl).__name__, IO_THREADS) if IO_THREADS else None
+        self._io_idle = threading.Condition()
+        self._io_running = 0
 
     def reset(self) -> None:
         """A controller reset: every queue gone; work queued for them never runs (generation)."""
@@ -154,9 +206,17 @@ class QueueEngine:
                 inline = self.ctrl.worker.held_here()  # in the doorbell's handler
                 for i in range(count):
                     cmd = Command.decode(raw, SQE_SIZE * i)
-                    if inline and self._large(cmd):  # would hold the serving thread: the worker does it
-                        self._to_worker(sq, generation, memory_in_place=True)
-                        return
+                    if self._large(cmd):
+                        if self.io is not None:  # on an I/O thread, beside the next commands
+                            with self.lock:
+                                if generation != self.generation:
+                                    return
+                                sq.head = (head + i + 1) % sq.size
+                            self._start_io(sq, cmd, generation)
+                            continue
+                        if inline:  # would hold the serving thread: the worker does it
+                            self._to_worker(sq, generation, memory_in_place=True)
+                            return
                     try:
                         done = self._execute(sq, cmd)
                     except DmaWouldDeadlock:  # inline only: this command and the rest go to the worker
@@ -183,6 +243,38 @@ class QueueEngine:
         """A read or write of more than :data:`INLINE_LIMIT` bytes."""
         return cmd.opcode in (NvmOpcode.READ, NvmOpcode.WRITE) and \
             (cmd.cdw12 & 0xFFFF) + 1 << self.ctrl.block_shift > INLINE_LIMIT
+
+    def _start_io(self, sq: SubmissionQueue, cmd: Command, generation: int) -> None:
+        with self._io_idle:
+            self._io_running += 1
+            sq.cq.io_running += 1
+        self.io.submit(self._run_io, sq, cmd, generation)
+
+    def _run_io(self, sq: SubmissionQueue, cmd: Command, generation: int) -> None:
+        """A large transfer on an I/O thread: execute and post; the last of its CQ's to finish
+        interrupts for every completion they posted."""
+        cq, posted = sq.cq, False
+        try:
+            if generation == self.generation:  # not after a reset
+                done = self._execute(sq, cmd)
+                posted = done is not None and self._post(cq, sq.qid, cmd.cid, done, generation)
+        finally:
+            with self._io_idle:
+                self._io_running -= 1
+                cq.io_running -= 1
+                cq.io_unsignalled |= posted
+                signal = cq.io_running == 0 and cq.io_unsignalled
+                if signal:
+                    cq.io_unsignalled = False
+                self._io_idle.notify_all()
+        if signal:
+            self._interrupt(cq)
+
+    def wait_io(self, timeout: float = 30.0) -> bool:
+        """Wait until no large transfer runs (a shutdown's flush must come after them); False if
+        some still ran after ``timeout`` seconds."""
+        with self._io_idle:
+            return self._io_idle.wait_for(lambda: self._io_running == 0, timeout)
 
     def _to_worker(self, sq: SubmissionQueue, generation: int, *, memory_in_place: bool = False) -> None:
         """Inline processing hands the queue to the worker: for a large transfer, or because it met

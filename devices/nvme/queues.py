@@ -56,6 +56,10 @@ class CompletionQueue:
     sqs: set = field(default_factory=set)
     #: completions that did not fit yet (the CQ was full): posted when the host frees entries
     backlog: list = field(default_factory=list)
+    #: commands of this CQ's SQs running on the I/O threads, and whether they posted completions
+    #: no interrupt told of yet (the last to finish sends it)
+    io_running: int = 0
+    io_unsignalled: bool = False
     #: guest addresses of the shadow head doorbell and its event index (Doorbell Buffer Config)
     shadow: int | None = None
     event: int | None = None
@@ -136,6 +140,7 @@ def prp_segments(prp1: int, prp2: int, length: int, read_list, page: int = PAGE_
     if prp2 % 8:
         raise PrpError(f"PRP list pointer {prp2:#x} is not 8-byte aligned")
     pages = (left + page - 1) // page
+    overshoot = pages * page - left  # the last page is only partly used
     list_addr = prp2
     last = segments[-1]
     end = prp1 + first
@@ -144,22 +149,23 @@ def prp_segments(prp1: int, prp2: int, length: int, read_list, page: int = PAGE_
         room = (page - list_addr % page) // 8  # entries left in this list page
         count = pages if pages <= room else room - 1  # the last slot of a full page chains
         entries = read_list(list_addr, count + (0 if pages <= room else 1))
+        # Every entry taken as a whole page (the last one is trimmed below): one test and one
+        # addition per page on the path of every large transfer.
         for entry in entries[:count]:
-            if entry & mask:
-                raise PrpError(f"PRP list entry {entry:#x} is not page-aligned")
-            n = page if left > page else left
             if entry == end:
-                last[1] += n
+                last[1] += page
+            elif entry & mask:
+                raise PrpError(f"PRP list entry {entry:#x} is not page-aligned")
             else:
-                last = [entry, n]
+                last = [entry, page]
                 segments.append(last)
-            end = entry + n
-            left -= n
+            end = entry + page
         pages -= count
         if pages:
             list_addr = entries[count]
             if list_addr % 8:
                 raise PrpError(f"chained PRP list pointer {list_addr:#x} is not 8-byte aligned")
+    last[1] -= overshoot
     return [(addr, n) for addr, n in segments]
 
 

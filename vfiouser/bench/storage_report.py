@@ -65,7 +65,7 @@ def storage_section(results: dict) -> list[str]:
         f"jobs against QEMU's own device (`-device nvme` / `virtio-blk-pci` on `-drive "
         f"file=IMAGE,format=raw`, QEMU's default cache) and against ours (`vfiouser serve nvme|virtio-blk "
         f"--param file=IMAGE`, its own process, `vfio-user-pci`), on one {st['image_mib']} MiB image of random "
-        f"bytes in the host's page cache. Each job: `O_DIRECT`, one request in flight, {st['seconds']} s "
+        f"bytes on {st.get('image_on', 'the host')} (in memory, so no job reads the disk). Each job: `O_DIRECT`, one request in flight, {st['seconds']} s "
         f"(`vfiouser/bench/iojob.c`). Implementations alternate, {st['rounds']} boots each; figures are medians. "
         "*Server CPU* is the CPU time of our server process per request; *QEMU CPU* is QEMU's (all its threads, "
         "the TCG vCPU included) for the same job. Unpinned, as a user runs them.",
@@ -99,8 +99,9 @@ def _where_the_time_goes(st: dict) -> list[str]:
         "latency at one request in flight, and a wake-up on the other core costs tens of µs. QEMU's own device "
         "pays its own hops (vCPU → main loop → thread pool → main loop), but in C.",
         "* What would take it further: fewer Python calls per request (ring entries read and written through "
-        "one loan of guest memory per kick instead of a DMA call each), requests of one kick run in parallel "
-        "(QEMU's thread pool overlaps the two halves of a 1 MiB read that Linux splits), ioeventfd-style "
+        "one loan of guest memory per kick instead of a DMA call each), virtio-blk's large requests run in "
+        "parallel as NVMe's do (two I/O threads overlap the two halves of a 1 MiB request that Linux splits, "
+        "as QEMU's thread pool does), ioeventfd-style "
         "doorbells (QEMU 11.1.3 does not ask for GET_REGION_IO_FDS), and busy polling (`--poll-us`) for a server "
         "with a CPU of its own.",
     ]
