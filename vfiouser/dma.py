@@ -24,9 +24,14 @@ keeps at most ``MAX_FD_MAPS`` of them (ENOSPC beyond).
 
 Device DMA *pins* the maps it uses (:meth:`DmaMappings.acquire`); a transfer
 may span adjacent maps (QEMU splits RAM around the legacy VGA/BIOS hole).
-Unmapping a pinned map first fails the transfers still waiting for the client
-(``on_remove``), then waits for in-place copies to finish, so a mapping never
-disappears under a copy.
+Unmapping an mmapped map waits for the in-place copies pinning it to finish,
+so a mapping never disappears under a copy. Unmapping a map reached by
+messages waits for nothing: the server holds no memory of it, and a
+DMA_READ/DMA_WRITE already sent is the client's to answer (QEMU answers from
+its own view of guest memory; it unmaps and maps RAM again whenever its
+memory layout changes, as while firmware runs, and failing the transfer then
+would break a device the firmware is using). New transfers on the unmapped
+range are refused.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import mmap
 import os
 import stat
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vfiouser.devices.pci.dma import DmaPermissionError, DmaUnmapped
 
@@ -77,8 +82,6 @@ class DmaRegion:
     users: int = 0
     #: unmapped: no new transfer may start
     dead: bool = False
-    #: message-mode transfers waiting for the client (owned by the session)
-    waiters: set = field(default_factory=set)
 
     @property
     def end(self) -> int:
@@ -114,10 +117,8 @@ class DmaRegion:
 class DmaMappings:
     """The DMA maps of one session, sorted by address. Thread-safe."""
 
-    def __init__(self, max_maps: int = 65535, on_remove=None) -> None:
+    def __init__(self, max_maps: int = 65535) -> None:
         self.max_maps = max_maps
-        #: called with a region being unmapped, before waiting for its users
-        self.on_remove = on_remove or (lambda region: None)
         self._addrs: list[int] = []
         self._regions: list[DmaRegion] = []
         self._lock = threading.Lock()  # never taken twice by one thread
@@ -250,12 +251,12 @@ class DmaMappings:
     close = remove_all
 
     def _retire(self, region: DmaRegion) -> None:
-        """Stop new transfers, fail the waiting ones, wait for copies, release the mapping."""
+        """Stop new transfers; if it is mmapped, wait for the copies in it; release the mapping.
+        Messages waiting on a map without memory are left to the client's answer (module
+        docstring)."""
         with self._cond:
             region.dead = True
-        self.on_remove(region)
-        with self._cond:
-            if not self._cond.wait_for(lambda: region.users == 0, UNMAP_WAIT):
+            if region.mem is not None and not self._cond.wait_for(lambda: region.users == 0, UNMAP_WAIT):
                 log.error("DMA range %r still in use after %.0fs; releasing it anyway", region, UNMAP_WAIT)
             region.release()
 

@@ -64,7 +64,6 @@ class DmaRequester(DmaBackend):
     def __init__(self, outbox, maps: DmaMappings, port: DevicePort, log, *, max_xfer: int) -> None:
         self.outbox = outbox
         self.maps = maps
-        maps.on_remove = self._fail_region_waiters
         self.port = port
         self.log = log
         #: largest transfer in one message: the smaller of both sides' max_data_xfer_size
@@ -111,7 +110,8 @@ class DmaRequester(DmaBackend):
                     self._check_bus_master(addr, size)
                     n = min(chunk, length - pos)
                     where = region.addr + offset + pos
-                    reply = self._request(Command.DMA_READ, DMA_ACCESS.pack(where, n), region)
+                    self._still_mapped(where, n, False, addr, size)
+                    reply = self._request(Command.DMA_READ, DMA_ACCESS.pack(where, n))
                     if len(reply) != DMA_ACCESS.size + n or DMA_ACCESS.unpack_from(reply) != (where, n):
                         raise DmaAborted(f"DMA_READ reply does not match the request ({len(reply)} bytes)", where, n)
                     out += reply[DMA_ACCESS.size :]
@@ -149,7 +149,8 @@ class DmaRequester(DmaBackend):
                     self._check_bus_master(addr, size)
                     n = min(chunk, length - sub)
                     where = region.addr + offset + sub
-                    reply = self._request(Command.DMA_WRITE, DMA_ACCESS.pack(where, n) + part[sub : sub + n], region)
+                    self._still_mapped(where, n, True, addr, size)
+                    reply = self._request(Command.DMA_WRITE, DMA_ACCESS.pack(where, n) + part[sub : sub + n])
                     # QEMU 11.1.3 echoes (addr, count); older clients reply with the header only.
                     if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (where, n)):
                         raise DmaAborted("DMA_WRITE reply does not match the request", where, n)
@@ -228,8 +229,8 @@ class DmaRequester(DmaBackend):
 
     def _pieces(self, addr: int, size: int, write: bool):
         """Check the whole range is mapped with the right rights, then yield ``(region, offset,
-        length)`` one piece at a time, each pinned only while it is in use. An unmap never waits
-        for a piece that is not being copied, and fails the message a piece is waiting for."""
+        length)`` one piece at a time, each pinned only while it is in use. An unmap waits only
+        for a piece being copied in place, never for one whose message waits for the client."""
         self.maps.release(self.maps.acquire(addr, size, write))  # all or nothing, before any byte moves
         pos, end = addr, addr + size
         while pos < end:
@@ -245,6 +246,15 @@ class DmaRequester(DmaBackend):
                 self.maps.release(pinned)
             pos += length
 
+    def _still_mapped(self, where: int, n: int, write: bool, addr: int, size: int) -> None:
+        """Before each message of a transfer: its range is still mapped for this direction. (A map
+        the client removed and added again meanwhile, as QEMU does when its memory layout changes,
+        counts: the range is mapped.)"""
+        try:
+            self.maps.release(self.maps.acquire(where, n, write))
+        except DmaError as exc:
+            raise DmaAborted(f"guest memory at {where:#x} was unmapped during the transfer", addr, size) from exc
+
     def _chunk(self, cmd: int) -> int:
         chunk = self.max_xfer
         if cmd == Command.DMA_READ:
@@ -259,20 +269,18 @@ class DmaRequester(DmaBackend):
 
     # -- requests and their replies --------------------------------------------------------
 
-    def _request(self, cmd: int, payload: bytes, region) -> bytes:
-        """Send a request to the client and wait for the reply's payload (never the serving thread)."""
+    def _request(self, cmd: int, payload: bytes) -> bytes:
+        """Send a request to the client and wait for the reply's payload (never the serving thread).
+        The client's answer decides, even if it unmapped the range meanwhile (see vfiouser.dma)."""
         waiter = Waiter(cmd)
         with self._lock:
             if self.closed:
                 raise DmaUnavailable("the client disconnected")
-            if region.dead:
-                raise DmaAborted("the DMA range was unmapped")
             msg_id = self._next_id
             while msg_id in self._pending:
                 msg_id = (msg_id + 1) & 0xFFFF
             self._next_id = (msg_id + 1) & 0xFFFF
             self._pending[msg_id] = waiter
-            region.waiters.add(waiter)
         try:
             try:
                 self.outbox.request(msg_id, cmd, payload)
@@ -287,7 +295,6 @@ class DmaRequester(DmaBackend):
             with self._lock:
                 if self._pending.get(msg_id) is waiter:
                     del self._pending[msg_id]
-                region.waiters.discard(waiter)
 
     def route_reply(self, msg_id: int, cmd: int, flags: int, error_no: int, payload, fds: list[int]) -> None:
         """A reply from the client: hand it to the request waiting for it (serving thread)."""
@@ -313,12 +320,6 @@ class DmaRequester(DmaBackend):
         else:
             waiter.reply = bytes(payload)
             waiter.event.set()
-
-    def _fail_region_waiters(self, region) -> None:
-        with self._lock:
-            waiters = list(region.waiters)
-        for waiter in waiters:
-            waiter.fail(DmaAborted(f"DMA range [{region.addr:#x}, +{region.size:#x}) was unmapped during the transfer"))
 
     def close(self) -> None:
         """The client is gone: no new transfer starts, waiting ones fail."""

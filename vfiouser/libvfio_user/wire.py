@@ -212,13 +212,6 @@ class Wire:
         except OSError:
             pass
 
-    def fail_overlapping(self, addr: int, size: int, error: Exception) -> None:
-        """Fail the requests for guest memory in ``[addr, addr+size)`` (it was unmapped)."""
-        with self._lock:
-            hit = [w for w, a, n in self._pending.values() if a < addr + size and addr < a + n]
-        for waiter in hit:
-            waiter.fail(error)
-
     def close(self) -> None:
         """The client is gone: waiting requests fail, our reference to the connection is closed."""
         with self._lock:
