@@ -93,8 +93,10 @@ def test_the_ci_run_over_every_device_passes_on_the_users_engine(tmp_path):
     sessions, messages, replies, error_replies, fds, threads, maps, _ = passed(out, user_engine())
     assert sessions > 300 and messages > 18000 and replies > messages // 2 and error_replies > 300
     assert fds <= 2 and threads <= 2 and maps <= 16  # the fuzzer fails beyond these; the line says so
-    for device in BUILTIN:
-        assert f"fuzz: {device}: peak fds=" in out.stdout
+    for device in BUILTIN:  # and at the end of each device's run, its fds are back to its baseline
+        line = re.search(rf"^fuzz: {device}: peak fds=.* \(baseline fds=(\d+) .*; at the end fds=(\d+) ", out.stdout,
+                         re.M)
+        assert line and line.group(1) == line.group(2), out.stdout[-3000:]
     text = (tmp_path / "fuzz.md").read_text()
     assert "result: PASS" in text and "seed: 20260117" in text and "| EINVAL |" in text
 

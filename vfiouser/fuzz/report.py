@@ -91,6 +91,8 @@ class Report:
         self.totals = Totals()
         self.baselines: dict[str, Resources] = {}
         self.peak: dict[str, Resources] = {}
+        #: each device's resources after its last session, once settled
+        self.final: dict[str, Resources] = {}
         #: the first failure: (the plan it happened in, or None; the failure)
         self.failure: tuple[SessionPlan | None, FuzzFailure] | None = None
 
@@ -135,7 +137,8 @@ class Report:
                  f"{t.resource_checks} resource checks, {t.idle_checks} idle-CPU checks",
                  f"fuzz: error replies by errno: {errs}"]
         for device, peak in self.peak.items():
-            lines.append(f"fuzz: {device}: peak {peak} (baseline {self.baselines.get(device, '-')})")
+            lines.append(f"fuzz: {device}: peak {peak} (baseline {self.baselines.get(device, '-')}; "
+                         f"at the end {self.final.get(device, '-')})")
         kind = self.failure[1].kind if self.failure else None
         g = self.growth()
         lines.append(f"TOTALS sessions={t.sessions} messages={t.messages} replies={t.replies} "
@@ -162,11 +165,12 @@ class Report:
                  f"| abrupt client ends | {t.abrupt} |", f"| resource checks | {t.resource_checks} |",
                  f"| idle-CPU checks | {t.idle_checks} |", "",
                  "| errno | replies |", "|---|---|", *[f"| {k} | {v} |" for k, v in t.errors.most_common()], "",
-                 "| device | sessions | messages | baseline (after warm-up) | peak |", "|---|---|---|---|---|"]
+                 "| device | sessions | messages | baseline (after warm-up) | peak (between sessions) | at the end |",
+                 "|---|---|---|---|---|---|"]
         for device in self.devices:
             per = t.per_device.get(device, Counter())
             lines.append(f"| {device} | {per['sessions']} | {per['messages']} | {self.baselines.get(device, '')} "
-                         f"| {self.peak.get(device, '')} |")
+                         f"| {self.peak.get(device, '')} | {self.final.get(device, '')} |")
         lines += ["", "| mutation | count |", "|---|---|",
                   *[f"| {k} | {v} |" for k, v in sorted(t.mutations.items(), key=lambda kv: (-kv[1], kv[0]))]]
         if self.failure:

@@ -11,13 +11,13 @@ import sys
 import tempfile
 
 from .. import fastpath
-from .child import ServerProcess
+from .child import Resources, ServerProcess
 from .plan import build_plan, iter_plans
 from .replies import SessionResult
 from .player import SessionRunner
 from .report import Report, describe_plan
 from .shapes import device_profile, load_shapes
-from .watch import ResourceWatch
+from .watch import MAP_SLACK, THREAD_SLACK, ResourceWatch
 from .wire import BUILTIN, FuzzFailure, SessionPlan
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,13 @@ class Fuzzer:
         self.totals.resource_checks += 1
         self.report.seen(self.server.device, now)
 
+    def final_resources(self) -> None:
+        """After a device's last session: its resources once the server let go of the last
+        client (fds back to the baseline, if they come back within the wait), for the report."""
+        b = self.watch.baseline
+        self.report.final[self.server.device] = self.watch.settle(Resources(b.fds, b.threads + THREAD_SLACK,
+                                                                            b.maps + MAP_SLACK, 0))
+
     def warm_up(self, device: str) -> None:
         """Unmutated recorded sessions, then the baseline."""
         for k in range(1, WARMUPS + 1):
@@ -134,6 +141,7 @@ class Fuzzer:
             if plan.device != device:
                 if device is not None:
                     self.check_resources(f"end of {device}")
+                    self.final_resources()
                     self._stop()
                 device = plan.device
                 self._start(device)
@@ -151,6 +159,7 @@ class Fuzzer:
                 since_check = 0
         if device is not None:
             self.check_resources(f"end of {device}")
+            self.final_resources()
             self._stop()
 
     def _replay(self) -> int:
