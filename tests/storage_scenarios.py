@@ -95,12 +95,8 @@ def check_bytes(image: str, host: bytes, console: list[str]) -> None:
     assert irqs > 0, "no interrupt on the I/O queue's MSI-X vector"
 
 
-def fs_script(dev: str) -> str:
-    """mke2fs, mount, fill (files of several sizes, a directory tree, busybox itself), sync, umount."""
-    return "\nset -e\n" + _fs_part(dev)
-
-
 def _fs_part(dev: str) -> str:
+    """mke2fs, mount, fill (files of several sizes, a directory tree, busybox itself), sync, umount."""
     return rf"""
 mke2fs {dev} > /dev/null
 mkdir -p /mnt
@@ -151,12 +147,8 @@ def check_fs(image: str, console: list[str]) -> None:
     assert debugfs_cat(debugfs, image, "/SUMS").decode().split() == [x for pair in sums for x in pair]
 
 
-def poweroff_script(dev: str) -> str:
-    """Files written; the host's go; ``sync``; then writes that never are, until QEMU is killed."""
-    return "\nset -e\nexec 3< /dev/ttyS0\n" + _poweroff_part(dev)
-
-
 def _poweroff_part(dev: str) -> str:
+    """Files written; the host's go; ``sync``; then writes that never are, until QEMU is killed."""
     return rf"""
 mke2fs {dev} > /dev/null
 mkdir -p /mnt
@@ -175,7 +167,7 @@ while true; do dd if=/dev/urandom of=/mnt/unsynced bs=64k count=32 2>/dev/null; 
 
 
 def power_off_after_sync(g, disk) -> tuple[str, str, int]:
-    """Drive :func:`poweroff_script`: the flushes ``sync`` sent (counted between the host's go and
+    """Drive the power-off part of :func:`all_in_one_script`: the flushes ``sync`` sent (counted between the host's go and
     the guest's report), then kill QEMU while the guest writes. ``(kept, small)`` digests."""
     g.expect(r"^WRITTEN$", timeout=180)
     before = disk.stats.flushes

@@ -326,16 +326,6 @@ class DmaMappings:
         pieces = []
         with self._cond:
             addrs, regions = self._addrs, self._regions
-            # The common case first: every segment in the map that holds the first one (guest RAM
-            # is one or two maps), checked in two passes with no search per segment.
-            i = bisect.bisect_right(addrs, segments[0][0]) - 1
-            region = regions[i] if i >= 0 else None
-            if (region is not None and region.mem is not None and region.flags & (_WRITE if write else _READ)
-                    and min(addr for addr, _ in segments) >= region.addr
-                    and max(addr + size for addr, size in segments) <= region.addr + region.size):
-                base = region.addr
-                region.users += len(segments)
-                return [(region, addr - base, size) for addr, size in segments]
             region = None
             for addr, size in segments:
                 if region is None or not (region.addr <= addr and addr + size <= region.addr + region.size):

@@ -158,7 +158,7 @@ class GuestMemory(DmaBackend):
             for pos in range(0, length, DMA_READ_CHUNK):
                 self._check_bus_master(addr, size)
                 n = min(DMA_READ_CHUNK, length - pos)
-                reply = self._message(found, Command.DMA_READ, DMA_ACCESS.pack(start + pos, n), start + pos, n)
+                reply = self._message(Command.DMA_READ, DMA_ACCESS.pack(start + pos, n), start + pos, n)
                 if len(reply) != DMA_ACCESS.size + n or DMA_ACCESS.unpack_from(reply) != (start + pos, n):
                     raise DmaAborted(f"DMA_READ reply does not match the request ({len(reply)} bytes)", start + pos, n)
                 out += reply[DMA_ACCESS.size:]
@@ -176,7 +176,7 @@ class GuestMemory(DmaBackend):
                 self._check_bus_master(addr, len(data))
                 n = min(self.max_xfer, length - pos)
                 payload = DMA_ACCESS.pack(start + pos, n) + part[pos:pos + n]
-                reply = self._message(found, Command.DMA_WRITE, payload, start + pos, n)
+                reply = self._message(Command.DMA_WRITE, payload, start + pos, n)
                 if reply and (len(reply) != DMA_ACCESS.size or DMA_ACCESS.unpack_from(reply) != (start + pos, n)):
                     raise DmaAborted("DMA_WRITE reply does not match the request", start + pos, n)
 
@@ -229,8 +229,8 @@ class GuestMemory(DmaBackend):
         if i == len(self._ranges) or self._ranges[i] is not found:
             raise DmaAborted(f"guest memory at {found.addr:#x} was unmapped during the transfer", addr, size)
 
-    def _message(self, found: _Range, cmd: int, payload: bytes, addr: int, size: int) -> bytes:
-        """One DMA_READ/DMA_WRITE of ``[addr, addr+size)`` (in ``found`` when planned): queued while
+    def _message(self, cmd: int, payload: bytes, addr: int, size: int) -> bytes:
+        """One DMA_READ/DMA_WRITE of ``[addr, addr+size)``: queued while
         the range is mapped for this direction (under the memory lock; a range the client
         removed and added again since counts), then its reply awaited without the lock."""
         with self._lock:
