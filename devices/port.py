@@ -18,6 +18,8 @@ sit between the two without either knowing::
         port.reset(ResetReason.CLIENT_REQUEST) -->  a warm reset (DEVICE_RESET, system_reset)
     port.routes_changed()                      -->  new interrupt routes: send what was held
     port.dma_allowed()                         -->  bus mastering on? (asked between DMA chunks)
+    port.shortcut(index, offset, size, write)  -->  where an access goes, for a hot loop to keep
+                                                    (optional: devices/shortcut.py)
     port.describe_access(index, offset, size)  -->  register names, for logs and traces
     port.activity.watch(watcher)               -->  deferred tasks and lock order (trace, replay)
     port.faults                                -->  a fault plan's injector, to watch (or None)
@@ -305,6 +307,17 @@ class DevicePort(abc.ABC):
     def activity(self) -> ModelActivity | None:
         """The model's own activity, for backends that record or replay sessions; None for a
         model that has none to show (then a replay cannot place its background work)."""
+        return None
+
+    #: The lock a backend holds around a shortcut (:meth:`shortcut`); None: this port offers
+    #: none, and every access goes through :meth:`region_read` and :meth:`region_write`.
+    shortcut_lock = None
+
+    def shortcut(self, index: int, offset: int, size: int, write: bool) -> tuple | None:
+        """Where an access of ``size`` bytes at ``offset`` of region ``index`` goes, as a shortcut
+        a backend may keep and run itself (:mod:`vfiouser.devices.shortcut`), or None when it must
+        always call :meth:`region_read`/:meth:`region_write`. Only asked when
+        :attr:`shortcut_lock` is set. Default: None."""
         return None
 
     #: The fault plan applied to this port (a :class:`~vfiouser.devices.faults.FaultInjector`), for

@@ -256,6 +256,26 @@ class IoManager:
         hit = self._pio.lookup(addr)
         return None if hit is None else (hit[0], int(hit[1]))
 
+    def mmio_target(self, addr: int, size: int) -> tuple[DeviceIo, int] | None:
+        """The device :meth:`mmio_read` or :meth:`mmio_write` of ``size`` bytes at ``addr`` would
+        call, and its range's base as the device is given it; ``None`` where they would raise. A
+        caller may keep the answer for as long as this snapshot is current (a backend's route
+        cache does)."""
+        return self._target(self._mmio, addr, size)
+
+    def pio_target(self, addr: int, size: int) -> tuple[DeviceIo, int] | None:
+        """As :meth:`mmio_target`, for :meth:`pio_read` and :meth:`pio_write`."""
+        return self._target(self._pio, addr, size)
+
+    @staticmethod
+    def _target(bus: _Bus, addr: int, size: int) -> tuple[DeviceIo, int] | None:
+        i = bisect_right(bus.bases, addr) - 1
+        if i >= 0 and size > 0:
+            base, end, _, device = bus.entries[i]
+            if addr + size <= end:
+                return device, base
+        return None
+
     def mmio_ranges(self) -> list[tuple[int, int, DeviceIo]]:
         """Every MMIO range as ``(base, size, device)``, sorted by base."""
         return list(self._mmio.ranges())

@@ -74,8 +74,8 @@ def stream(seed: int, n: int) -> list[bytes]:
 class Rig:
     """A negotiated session on one end of a socketpair; the test holds the other end."""
 
-    def __init__(self, traced: bool) -> None:
-        self.device = ProbeDevice()
+    def __init__(self, traced: bool, device=None) -> None:
+        self.device = ProbeDevice() if device is None else device
         bring_up(self.device.port)
         self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.trace = io.StringIO()
@@ -120,8 +120,8 @@ class Rig:
 def rigs():
     made = []
 
-    def make(traced: bool) -> Rig:
-        made.append(Rig(traced))
+    def make(traced: bool, device=None) -> Rig:
+        made.append(Rig(traced, device))
         return made[-1]
 
     yield make

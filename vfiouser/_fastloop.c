@@ -63,11 +63,19 @@ typedef struct {
     PyObject *lock_release;
     PyObject *send_rest;
     PyObject *watchdog;
+    PyObject *shortcut;   /* port.shortcut, or NULL: every access through region_read/region_write */
+    PyObject *lock;       /* port.shortcut_lock, held around a shortcut */
+    PyObject *cache;      /* {key: shortcut or None}, see find_shortcut */
     unsigned char *buf;
     unsigned char *anc;
 } FastLoop;
 
-static PyObject *str_queue, *str_since;
+static PyObject *str_queue, *str_since, *str_value, *str_acquire, *str_release;
+
+/* The kinds of devices/shortcut.py, and how long each one's tuple is. */
+enum { SC_SLOW, SC_CALL, SC_VALUE, SC_HOOK, SC_SW_READ, SC_STORE, SC_SW_WRITE, SC_KINDS };
+static const Py_ssize_t sc_length[SC_KINDS] = {2, 5, 4, 5, 4, 5, 4};
+#define CACHE_MAX 4096 /* shortcuts kept per session: a client scanning a BAR cannot grow it further */
 
 static inline uint16_t rd16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -97,6 +105,9 @@ fastloop_traverse(FastLoop *self, visitproc visit, void *arg)
     Py_VISIT(self->lock_release);
     Py_VISIT(self->send_rest);
     Py_VISIT(self->watchdog);
+    Py_VISIT(self->shortcut);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->cache);
     return 0;
 }
 
@@ -113,6 +124,9 @@ fastloop_clear(FastLoop *self)
     Py_CLEAR(self->lock_release);
     Py_CLEAR(self->send_rest);
     Py_CLEAR(self->watchdog);
+    Py_CLEAR(self->shortcut);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->cache);
     return 0;
 }
 
@@ -130,15 +144,17 @@ static int
 fastloop_init(FastLoop *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "region_read", "region_write", "hold", "release", "outbox", "failed",
-                             "send_lock", "send_rest", "watchdog", "max_xfer", "anc_size", "spin", NULL};
+                             "send_lock", "send_rest", "watchdog", "max_xfer", "anc_size", "spin", "shortcut",
+                             "shortcut_lock", NULL};
     PyObject *region_read, *region_write, *hold, *release, *outbox, *failed, *lock, *send_rest, *watchdog;
+    PyObject *shortcut = Py_None, *shortcut_lock = Py_None;
     int fd;
     Py_ssize_t max_xfer, anc_size;
     double spin;
     /* parsed into locals (borrowed): the object's fields own references, also after a failure */
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd", kwlist, &fd, &region_read, &region_write, &hold,
-                                     &release, &outbox, &failed, &lock, &send_rest, &watchdog, &max_xfer,
-                                     &anc_size, &spin))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd|OO", kwlist, &fd, &region_read, &region_write,
+                                     &hold, &release, &outbox, &failed, &lock, &send_rest, &watchdog, &max_xfer,
+                                     &anc_size, &spin, &shortcut, &shortcut_lock))
         return -1;
     if (anc_size < 0 || anc_size > 4096) {
         PyErr_SetString(PyExc_ValueError, "anc_size out of range");
@@ -168,6 +184,13 @@ fastloop_init(FastLoop *self, PyObject *args, PyObject *kwds)
     self->watchdog = Py_NewRef(watchdog);
     self->lock_acquire = acquire;
     self->lock_release = unlock;
+    if (shortcut != Py_None && shortcut_lock != Py_None) { /* both, or no shortcuts */
+        self->shortcut = Py_NewRef(shortcut);
+        self->lock = Py_NewRef(shortcut_lock);
+        self->cache = PyDict_New();
+        if (self->cache == NULL)
+            return -1;
+    }
     self->buf = PyMem_Malloc(BUF_SIZE);
     self->anc = PyMem_Malloc(anc_size ? anc_size : 1);
     if (self->buf == NULL || self->anc == NULL) {
@@ -293,6 +316,278 @@ model_failed(FastLoop *self, uint16_t msg_id, uint16_t cmd, uint32_t flags)
     return 0;
 }
 
+/* -- shortcuts (devices/shortcut.py) ------------------------------------------------------ */
+
+/* 1 if every guard (obj, name, expected) of the shortcut has getattr(obj, name) is expected, 0 if
+ * one does not, -1 on an error. */
+static int
+guards_hold(PyObject *cut)
+{
+    PyObject *guards = PyTuple_GET_ITEM(cut, 1);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); i++) {
+        PyObject *g = PyTuple_GET_ITEM(guards, i);
+        PyObject *now = PyObject_GetAttr(PyTuple_GET_ITEM(g, 0), PyTuple_GET_ITEM(g, 1));
+        if (now == NULL)
+            return -1;
+        int same = now == PyTuple_GET_ITEM(g, 2);
+        Py_DECREF(now);
+        if (!same)
+            return 0;
+    }
+    return 1;
+}
+
+/* Whether a shortcut the port made is one this loop can run for this direction (the loop
+ * indexes its tuple without further checks). */
+static int
+well_formed(PyObject *cut, int write)
+{
+    if (!PyTuple_CheckExact(cut) || PyTuple_GET_SIZE(cut) < 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(cut, 0))
+        || !PyTuple_CheckExact(PyTuple_GET_ITEM(cut, 1)))
+        return 0;
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(cut, 0));
+    if (kind < 0 || kind >= SC_KINDS || PyTuple_GET_SIZE(cut) != sc_length[kind])
+        return 0;
+    if (write ? (kind == SC_VALUE || kind == SC_HOOK || kind == SC_SW_READ) : (kind == SC_STORE || kind == SC_SW_WRITE))
+        return 0;
+    PyObject *guards = PyTuple_GET_ITEM(cut, 1);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); i++) {
+        PyObject *g = PyTuple_GET_ITEM(guards, i);
+        if (!PyTuple_CheckExact(g) || PyTuple_GET_SIZE(g) != 3 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(g, 1)))
+            return 0;
+    }
+    return 1;
+}
+
+/* The shortcut for an access (a new reference): from the cache while its guards hold, else asked
+ * of port.shortcut and kept. Py_None: go through the port's region_read/region_write. NULL: an
+ * error (the port's, answered as the model's). */
+static PyObject *
+find_shortcut(FastLoop *self, uint32_t region, uint64_t offset, uint32_t count, int write)
+{
+    if (self->shortcut == NULL || region > 15 || offset >= ((uint64_t)1 << 40) || count > 8)
+        Py_RETURN_NONE;
+    PyObject *key = PyLong_FromUnsignedLongLong(offset << 9 | (uint64_t)write << 8 | (uint64_t)region << 4 | count);
+    if (key == NULL)
+        return NULL;
+    PyObject *cut = PyDict_GetItemWithError(self->cache, key); /* borrowed */
+    if (cut != NULL) {
+        Py_INCREF(cut);
+        int h = cut == Py_None ? 1 : guards_hold(cut);
+        if (h != 0) {
+            Py_DECREF(key);
+            if (h < 0)
+                Py_CLEAR(cut);
+            return cut;
+        }
+        Py_DECREF(cut);
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    cut = PyObject_CallFunction(self->shortcut, "IKIO", (unsigned)region, (unsigned long long)offset,
+                                (unsigned)count, write ? Py_True : Py_False);
+    if (cut != NULL && cut != Py_None && !well_formed(cut, write)) {
+        PyErr_Format(PyExc_TypeError, "port.shortcut returned %R for a %s: not a shortcut of %s", cut,
+                     write ? "write" : "read", write ? "a write" : "a read");
+        Py_CLEAR(cut);
+    }
+    if (cut != NULL && PyDict_GET_SIZE(self->cache) >= CACHE_MAX)
+        PyDict_Clear(self->cache);
+    if (cut != NULL && PyDict_SetItem(self->cache, key, cut) < 0)
+        Py_CLEAR(cut);
+    Py_DECREF(key);
+    return cut;
+}
+
+/* lock.acquire() / lock.release(); the release keeps an exception already set. */
+static int
+lock_take(FastLoop *self)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(self->lock, str_acquire);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+lock_drop(FastLoop *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodNoArgs(self->lock, str_release);
+    if (r == NULL) {
+        if (type != NULL) {
+            PyErr_WriteUnraisable(self->lock);
+            PyErr_Restore(type, value, tb);
+        }
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    return type == NULL ? 0 : -1;
+}
+
+/* Call fn(base, offset, data) (a CALL shortcut). */
+static PyObject *
+call_handler(PyObject *cut, PyObject *data)
+{
+    PyObject *args[3] = {PyTuple_GET_ITEM(cut, 3), PyTuple_GET_ITEM(cut, 4), data};
+    return PyObject_Vectorcall(PyTuple_GET_ITEM(cut, 2), args, 3, NULL);
+}
+
+/* A read shortcut's value: the value of a VALUE, HOOK or SW_READ shortcut, as an int (new ref). */
+static PyObject *
+read_value(PyObject *cut, long kind)
+{
+    if (kind == SC_SW_READ)
+        return PyObject_CallOneArg(PyTuple_GET_ITEM(cut, 2), PyTuple_GET_ITEM(cut, 3));
+    PyObject *reg = PyTuple_GET_ITEM(cut, 2);
+    PyObject *value = PyObject_GetAttr(reg, str_value); /* before the hook, as Register.sw_read */
+    if (value == NULL)
+        return NULL;
+    PyObject *rmask = PyTuple_GET_ITEM(cut, kind == SC_HOOK ? 4 : 3);
+    if (kind == SC_HOOK) {
+        PyObject *computed = PyObject_CallOneArg(PyTuple_GET_ITEM(cut, 3), reg);
+        if (computed == NULL) {
+            Py_DECREF(value);
+            return NULL;
+        }
+        if (computed != Py_None)
+            Py_SETREF(value, computed);
+        else
+            Py_DECREF(computed);
+    }
+    Py_SETREF(value, PyNumber_And(value, rmask));
+    return value;
+}
+
+/* Fill out[count] by the read shortcut cut (lock held). 0, or -1 with an exception. */
+static int
+run_read(PyObject *cut, long kind, unsigned char *out, uint32_t count)
+{
+    if (kind == SC_CALL) {
+        PyObject *data = PyByteArray_FromStringAndSize(NULL, count);
+        if (data == NULL)
+            return -1;
+        memset(PyByteArray_AS_STRING(data), 0, count);
+        PyObject *view = PyMemoryView_FromObject(data);
+        PyObject *r = view == NULL ? NULL : call_handler(cut, view);
+        Py_XDECREF(view);
+        if (r != NULL && PyByteArray_GET_SIZE(data) == (Py_ssize_t)count)
+            memcpy(out, PyByteArray_AS_STRING(data), count);
+        Py_DECREF(data);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    PyObject *value = read_value(cut, kind);
+    if (value == NULL)
+        return -1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(value); /* a non-int or negative raises, as struct would */
+    Py_DECREF(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (count < 8 && v >> (8 * count)) {
+        PyErr_Format(PyExc_OverflowError, "register value %#llx does not fit in %u bytes", v, (unsigned)count);
+        return -1;
+    }
+    for (uint32_t i = 0; i < count; i++)
+        out[i] = (unsigned char)(v >> (8 * i));
+    return 0;
+}
+
+/* Apply the write shortcut cut to the count data bytes at p (lock held). 0, or -1. */
+static int
+run_write(PyObject *cut, long kind, const unsigned char *p, uint32_t count)
+{
+    if (kind == SC_CALL) {
+        PyObject *data = PyBytes_FromStringAndSize((const char *)p, count);
+        PyObject *r = data == NULL ? NULL : call_handler(cut, data);
+        Py_XDECREF(data);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    unsigned long long v = 0;
+    for (uint32_t i = 0; i < count; i++)
+        v |= (unsigned long long)p[i] << (8 * i);
+    PyObject *value = PyLong_FromUnsignedLongLong(v);
+    if (value == NULL)
+        return -1;
+    PyObject *r = NULL;
+    if (kind == SC_SW_WRITE) {
+        PyObject *args[2] = {value, PyTuple_GET_ITEM(cut, 3)};
+        r = PyObject_Vectorcall(PyTuple_GET_ITEM(cut, 2), args, 2, NULL);
+    } else { /* STORE: reg.value = reg.value & keep | value & ~keep, then the hooks */
+        PyObject *reg = PyTuple_GET_ITEM(cut, 2), *keep = PyTuple_GET_ITEM(cut, 3);
+        PyObject *old = PyObject_GetAttr(reg, str_value);
+        PyObject *kept = old == NULL ? NULL : PyNumber_And(old, keep);
+        PyObject *mask = kept == NULL ? NULL : PyNumber_Invert(keep);
+        PyObject *put = mask == NULL ? NULL : PyNumber_And(value, mask);
+        PyObject *now = put == NULL ? NULL : PyNumber_Or(kept, put);
+        int ok = now != NULL && PyObject_SetAttr(reg, str_value, now) == 0;
+        Py_XDECREF(old);
+        Py_XDECREF(kept);
+        Py_XDECREF(mask);
+        Py_XDECREF(put);
+        Py_XDECREF(now);
+        PyObject *hooks = PyTuple_GET_ITEM(cut, 4);
+        if (ok && PyTuple_CheckExact(hooks) && PyTuple_GET_SIZE(hooks) == 0) {
+            r = Py_NewRef(Py_None);
+        } else if (ok) { /* iterated live, as Python's for loop over the register's list */
+            PyObject *it = PyObject_GetIter(hooks), *fn;
+            ok = it != NULL;
+            while (ok && (fn = PyIter_Next(it)) != NULL) {
+                PyObject *args[2] = {reg, value};
+                PyObject *res = PyObject_Vectorcall(fn, args, 2, NULL);
+                Py_DECREF(fn);
+                if (res == NULL)
+                    ok = 0;
+                else
+                    Py_DECREF(res);
+            }
+            Py_XDECREF(it);
+            if (ok && !PyErr_Occurred())
+                r = Py_NewRef(Py_None);
+        }
+    }
+    Py_DECREF(value);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The access by shortcut: 1 if there is none to run (SLOW or None: the port's method serves it),
+ * 0 done (out filled for a read), -1 an exception (the model's, or the port's). */
+static int
+by_shortcut(FastLoop *self, uint32_t region, uint64_t offset, uint32_t count, int write, const unsigned char *in,
+            unsigned char *out)
+{
+    PyObject *cut = find_shortcut(self, region, offset, count, write);
+    if (cut == NULL)
+        return -1;
+    long kind = cut == Py_None ? SC_SLOW : PyLong_AsLong(PyTuple_GET_ITEM(cut, 0));
+    if (kind == SC_SLOW) {
+        Py_DECREF(cut);
+        return 1;
+    }
+    int r = lock_take(self);
+    if (r == 0) {
+        r = write ? run_write(cut, kind, in, count) : run_read(cut, kind, out, count);
+        if (lock_drop(self) < 0)
+            r = -1;
+    }
+    Py_DECREF(cut);
+    return r;
+}
+
+/* -- the messages ---------------------------------------------------------------------------- */
+
 /* One message the Python fast path would take: handle it, queue its reply. 0 handled, 1 not
  * ours (stop here), -1 a Python error that is not the model's (propagate). */
 static int
@@ -310,34 +605,56 @@ handle(FastLoop *self, const unsigned char *m, uint32_t size, PyObject *queue)
     if (cmd == CMD_REGION_READ) {
         if (size != ACCESS_SIZE || count == 0 || count > (uint64_t)self->max_xfer)
             return 1;
-        PyObject *data = PyByteArray_FromStringAndSize(NULL, count);
-        if (data == NULL)
-            return -1;
-        memset(PyByteArray_AS_STRING(data), 0, count);
-        PyObject *view = PyMemoryView_FromObject(data); /* what the Python path passes: a memoryview */
-        if (view == NULL) {
-            Py_DECREF(data);
-            return -1;
-        }
-        result = call3(self->region_read, region, offset, view);
-        Py_DECREF(view);
-        if (result != NULL && !flags) {
+        unsigned char small[8];
+        int s = by_shortcut(self, region, offset, count, 0, NULL, small);
+        if (s <= 0) {
+            if (s < 0)
+                return model_failed(self, msg_id, cmd, flags);
+            if (flags)
+                return 0;
             reply = PyBytes_FromStringAndSize(NULL, ACCESS_SIZE + count);
-            if (reply != NULL) {
-                reply_head(PyBytes_AS_STRING(reply), m, count);
-                memcpy(PyBytes_AS_STRING(reply) + ACCESS_SIZE, PyByteArray_AS_STRING(data), count);
+            if (reply == NULL)
+                return -1;
+            reply_head(PyBytes_AS_STRING(reply), m, count);
+            memcpy(PyBytes_AS_STRING(reply) + ACCESS_SIZE, small, count);
+            result = Py_NewRef(Py_None);
+        } else {
+            PyObject *data = PyByteArray_FromStringAndSize(NULL, count);
+            if (data == NULL)
+                return -1;
+            memset(PyByteArray_AS_STRING(data), 0, count);
+            PyObject *view = PyMemoryView_FromObject(data); /* what the Python path passes: a memoryview */
+            if (view == NULL) {
+                Py_DECREF(data);
+                return -1;
             }
+            result = call3(self->region_read, region, offset, view);
+            Py_DECREF(view);
+            if (result != NULL && !flags) {
+                reply = PyBytes_FromStringAndSize(NULL, ACCESS_SIZE + count);
+                if (reply != NULL) {
+                    reply_head(PyBytes_AS_STRING(reply), m, count);
+                    memcpy(PyBytes_AS_STRING(reply) + ACCESS_SIZE, PyByteArray_AS_STRING(data), count);
+                }
+            }
+            Py_DECREF(data);
         }
-        Py_DECREF(data);
     } else if (cmd == CMD_REGION_WRITE) {
         if (count != size - ACCESS_SIZE || (count != 1 && count != 2 && count != 4 && count != 8)
             || count > (uint64_t)self->max_xfer)
             return 1;
-        PyObject *data = PyBytes_FromStringAndSize((const char *)m + ACCESS_SIZE, count);
-        if (data == NULL)
-            return -1;
-        result = call3(self->region_write, region, offset, data);
-        Py_DECREF(data);
+        int s = by_shortcut(self, region, offset, count, 1, m + ACCESS_SIZE, NULL);
+        if (s < 0)
+            return model_failed(self, msg_id, cmd, flags);
+        if (s == 0) {
+            result = Py_NewRef(Py_None);
+        } else {
+            PyObject *data = PyBytes_FromStringAndSize((const char *)m + ACCESS_SIZE, count);
+            if (data == NULL)
+                return -1;
+            result = call3(self->region_write, region, offset, data);
+            Py_DECREF(data);
+        }
         if (result != NULL && !flags) {
             reply = PyBytes_FromStringAndSize(NULL, ACCESS_SIZE);
             if (reply != NULL)
@@ -529,6 +846,17 @@ fastloop_run(FastLoop *self, PyObject *Py_UNUSED(ignored))
     }
 }
 
+static PyObject *
+fastloop_cached(FastLoop *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->cache == NULL ? 0 : PyDict_GET_SIZE(self->cache));
+}
+
+static PyGetSetDef fastloop_getset[] = {
+    {"cached", (getter)fastloop_cached, NULL, "How many shortcuts the loop keeps now (at most 4096).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef fastloop_methods[] = {
     {"run", (PyCFunction)fastloop_run, METH_NOARGS,
      "Serve fast-path messages until something must go to Python: returns (kind, data, ancdata, msg_flags)."},
@@ -547,6 +875,7 @@ static PyTypeObject FastLoopType = {
     .tp_init = (initproc)fastloop_init,
     .tp_dealloc = (destructor)fastloop_dealloc,
     .tp_methods = fastloop_methods,
+    .tp_getset = fastloop_getset,
 };
 
 static struct PyModuleDef fastloop_module = {
@@ -561,7 +890,11 @@ PyInit__fastloop(void)
 {
     str_queue = PyUnicode_InternFromString("queue");
     str_since = PyUnicode_InternFromString("since");
-    if (str_queue == NULL || str_since == NULL || PyType_Ready(&FastLoopType) < 0)
+    str_value = PyUnicode_InternFromString("value");
+    str_acquire = PyUnicode_InternFromString("acquire");
+    str_release = PyUnicode_InternFromString("release");
+    if (str_queue == NULL || str_since == NULL || str_value == NULL || str_acquire == NULL || str_release == NULL
+        || PyType_Ready(&FastLoopType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastloop_module);
     if (m == NULL)

@@ -52,11 +52,14 @@ def for_session(session, *, watchdog, spin: float):
         def release() -> None:
             exit_batch(None, None, None)
 
-    return FastLoop(fd=transport.fileno(), region_read=session.port.region_read,
-                    region_write=session.port.region_write, hold=batch.__enter__, release=release,
+    port = session.port
+    lock = getattr(port, "shortcut_lock", None)
+    return FastLoop(fd=transport.fileno(), region_read=port.region_read,
+                    region_write=port.region_write, hold=batch.__enter__, release=release,
                     outbox=session.outbox, failed=session.dispatcher.failed, send_lock=transport._send_lock,
                     send_rest=transport.send, watchdog=watchdog, max_xfer=session.dispatcher.max_xfer,
-                    anc_size=transport._ancbuf, spin=spin)
+                    anc_size=transport._ancbuf, spin=spin,
+                    shortcut=port.shortcut if lock is not None else None, shortcut_lock=lock)
 
 
 def serve(session, fast) -> list | None:

@@ -33,6 +33,7 @@ import errno
 
 from vfiouser.devices.errors import RegionAccessError
 from vfiouser.devices.port import DevicePort, DmaBackend, InterruptSink, IrqCounts, RegionInfo, ResetReason
+from vfiouser.devices.shortcut import CALL, SLOW, guard
 from vfiouser.iomgr import NoDevice
 
 from .dma import NO_BACKEND
@@ -63,6 +64,9 @@ class PciPort(DevicePort):
         self._lock = device.lock
         self._names: AccessNames | None = None
         self._activity: PciActivity | None = None
+        # Shortcuts skip region_read and region_write: not for a subclass that changes them.
+        plain = type(self).region_read is PciPort.region_read and type(self).region_write is PciPort.region_write
+        self.shortcut_lock = device.lock if plain else None
 
     def _route(self, region: RegionInfo) -> tuple:
         device = self.device
@@ -152,6 +156,38 @@ class PciPort(DevicePort):
                     write(offset, data)
                 return
         raise self._refuse("write", index, offset, size)
+
+    def shortcut(self, index: int, offset: int, size: int, write: bool) -> tuple | None:
+        """A BAR access as a shortcut (:mod:`vfiouser.devices.shortcut`): while the BAR is not
+        decoded, or no handler takes the whole access, SLOW (region_read decides); else the
+        handler's own shortcut (a register block's), or a CALL of its read/write. Guarded by the
+        BAR's address and the IoManager snapshot. None for config space, the ROM, an access
+        out of bounds, and for a port whose class changes region_read or region_write."""
+        if self.shortcut_lock is None or not 0 <= index < self._count:
+            return None
+        limit, writable, _, _, bar = self._table[index]
+        if bar is None or not size or offset < 0 or offset + size > limit or (write and not writable):
+            return None
+        address = bar.address
+        if address is None:
+            return (SLOW, (guard(bar, "address"),))
+        io = bar._io
+        snapshot = io.current
+        guards = (guard(bar, "address"), (io, "current", snapshot))
+        target = (snapshot.pio_target if bar.is_io else snapshot.mmio_target)(address + offset, size)
+        if target is None:
+            return (SLOW, guards)
+        handler, base = target
+        rel = address + offset - base
+        own = getattr(handler, "shortcut", None)
+        cut = own(rel, size, write) if own is not None else None
+        if cut is not None:
+            return (cut[0], guards + cut[1]) + cut[2:]
+        if bar.is_io:
+            fn = handler.pio_write if write else handler.pio_read
+        else:
+            fn = handler.write if write else handler.read
+        return (CALL, guards, fn, base, rel)
 
     def batch(self):
         """The device's worker, whose context holds deferred work (reentrant, no lock taken)."""

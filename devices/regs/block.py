@@ -35,6 +35,7 @@ import logging
 import struct
 from collections.abc import Callable
 
+from vfiouser.devices.shortcut import HOOK, STORE, SW_READ, SW_WRITE, VALUE
 from vfiouser.iomgr import DeviceIo
 
 from .access import Field, RegisterDefinitionError
@@ -260,6 +261,32 @@ class RegisterBlock(HardwareSide, DeviceIo):
 
     pio_read = read
     pio_write = write
+
+    def shortcut(self, offset: int, size: int, write: bool) -> tuple | None:
+        """What :meth:`read` (or :meth:`write`) of ``size`` bytes at ``offset`` does, as a
+        shortcut of :mod:`vfiouser.devices.shortcut` guarded by the decoding table it comes
+        from; None where it takes the general path (only the fast path's accesses have one)."""
+        cls = type(self)
+        if cls is not RegisterBlock and (cls.read is not RegisterBlock.read or cls.write is not RegisterBlock.write
+                                         or cls.pio_read is not RegisterBlock.read
+                                         or cls.pio_write is not RegisterBlock.write):
+            return None  # a subclass that decodes differently: no shortcut past it
+        table = self._wfast if write else self._rfast
+        hit = table.get(offset)
+        if hit is None or hit[0] != size:
+            return None
+        guards = ((self, "_wfast" if write else "_rfast", table),)
+        r = hit[2]
+        if write:
+            kind = hit[3]
+            if kind == 2:
+                return (SW_WRITE, guards, r.sw_write, r.full)
+            return (STORE, guards, r, r.keep, r.write_hooks if kind else ())
+        if hit[3]:  # plain
+            return (VALUE, guards, r, r.rmask)
+        if r.read_hook is not None and not (r.field_read_hooks or r.after_read_hooks or r.rclr or r.rset):
+            return (HOOK, guards, r, r.read_hook, r.rmask)
+        return (SW_READ, guards, r.sw_read, r.full)
 
     def _touched(self, table: dict, offset: int, size: int) -> list[Register]:
         out: list[Register] = []
