@@ -152,6 +152,19 @@ def test_fast_path_replies_and_state_match_the_full_dispatcher(rigs, seed, monke
     assert traced.trace.getvalue().count("\n") > len(messages)  # traced: every message in and out
 
 
+def needs_c_loop() -> None:
+    """Skip where the C loop could not be built (no compiler); a failure where the suite
+    requires every real part (scripts/test)."""
+    from vfiouser import fastpath
+
+    from .conftest import real_parts_required
+
+    if not fastpath.AVAILABLE:
+        if real_parts_required():
+            pytest.fail("vfiouser._fastloop was not built (pip install needs a C compiler and Python's headers)")
+        pytest.skip("vfiouser._fastloop was not built (no C compiler here)")
+
+
 def _served_exchange(server, messages: list[bytes], chunk: int = 7) -> tuple[bytes, socket.socket]:
     """What Rig.exchange does, through a real server's socket (so its serving loop answers);
     the replies, and the socket, still open (the device is power-cycled once it closes)."""
@@ -178,14 +191,7 @@ def _served_exchange(server, messages: list[bytes], chunk: int = 7) -> tuple[byt
 def test_the_c_loop_answers_as_the_full_dispatcher(rigs, serve, seed):
     """The same streams through a server whose serving thread runs the C loop
     (vfiouser._fastloop): the same replies, the same device state."""
-    from vfiouser import fastpath
-
-    from .conftest import real_parts_required
-
-    if not fastpath.AVAILABLE:
-        if real_parts_required():
-            pytest.fail("vfiouser._fastloop was not built (pip install needs a C compiler and Python's headers)")
-        pytest.skip("vfiouser._fastloop was not built (no C compiler here)")
+    needs_c_loop()
     traced = rigs(True)
     dev = ProbeDevice()
     bring_up(dev.port)
@@ -225,6 +231,47 @@ def test_deferred_work_waits_for_the_reply_of_its_batch(rigs):
         time.sleep(0)  # let the worker run what it may
     assert dev.worker.wait_idle(5)
     assert started_before_reply == []
+
+
+def test_deferred_work_waits_for_the_reply_of_its_batch_in_the_c_loop(serve):
+    """The C loop holds the worker (DeviceWorker's common case done in C): a task deferred by a
+    handler runs only once the reply is in the client's socket, and a held worker is let go."""
+    needs_c_loop()
+    dev = ProbeDevice()
+    bring_up(dev.port)
+    server = serve(dev)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(server.path)
+    sock.settimeout(10)
+    outcomes = []
+
+    def task():
+        try:  # the reply of the write that deferred us must already be there
+            outcomes.append(("task", len(sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))))
+        except BlockingIOError:
+            outcomes.append(("task", 0))
+
+    def write(base, offset, data):
+        outcomes.append(("held", dev.worker.held_here()))
+        dev.defer(task)
+
+    dev.regs.write = write
+    try:
+        version = Version.build(dict(major=0, minor=0, json=json.dumps(DEFAULT_CLIENT_CAPS)))
+        sock.sendall(message(int(Command.VERSION), version))
+        size = HEADER.unpack(sock.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_WAITALL))[2]
+        sock.recv(size, socket.MSG_WAITALL)
+        for i in range(1, 101):
+            sock.sendall(message(WRITE, access(0x804, 0, 4) + b"\1\0\0\0", 0, i))
+            sock.recv(HEADER_SIZE + 16, socket.MSG_PEEK | socket.MSG_WAITALL)  # the reply, left there
+            deadline = time.monotonic() + 5
+            while len(outcomes) < 2 * i and time.monotonic() < deadline:  # the task has run
+                time.sleep(0.001)
+            assert len(sock.recv(HEADER_SIZE + 16, socket.MSG_WAITALL)) == HEADER_SIZE + 16
+        assert outcomes == [("held", True), ("task", HEADER_SIZE + 16)] * 100
+        assert dev.worker._gate == 0 and not dev.worker.held_here()
+    finally:
+        sock.close()
 
 
 def test_busy_polling_server_serves_in_order_and_stops_promptly(no_fd_leak, serve):

@@ -262,15 +262,17 @@ def test_server_close_drops_waiting_second_clients(sockdir):
     first.close()
 
 
-@pytest.mark.parametrize("where", ["Session.process", "DeviceWorker.__enter__"])
+@pytest.mark.parametrize("where", ["Session.process", "Dispatcher.failed"])
 def test_exception_in_a_connection_callback_ends_only_that_connection(serve, monkeypatch, where):
     """A bug in the serving code (not in a model) ends that connection, never the server: in the
-    Python loop's processing, or in what the C loop calls (the port's batch)."""
-    from vfiouser.devices.pci.worker import DeviceWorker
+    Python loop's processing, or in what the C loop calls (the dispatcher, to answer a model's
+    exception)."""
+    from vfiouser.dispatch import Dispatcher
+    from vfiouser.errors import ErrorReply
     from vfiouser.session import Session
 
-    owner, name = (Session, "process") if where == "Session.process" else (DeviceWorker, "__enter__")
-    server = serve(ProbeDevice(), fast_loop=owner is DeviceWorker)
+    owner, name = (Session, "process") if where == "Session.process" else (Dispatcher, "failed")
+    server = serve(ProbeDevice(), fast_loop=owner is Dispatcher)
     original = getattr(owner, name)
     calls = {"n": 0}
 
@@ -282,8 +284,16 @@ def test_exception_in_a_connection_callback_ends_only_that_connection(serve, mon
 
     monkeypatch.setattr(owner, name, flaky)
     c = Client.connect(server.path)
-    with pytest.raises(Exception):
-        c.config_read(0)
+    if owner is Session:
+        with pytest.raises(Exception):
+            c.config_read(0)
+    else:
+        c.bring_up()
+        with pytest.raises(ErrorReply):  # the probe's fault register: the model's exception, answered
+            c.region_read(0, 0x808, 4)
+        with pytest.raises(Exception) as info:  # answering it fails: the connection ends
+            c.region_read(0, 0x808, 4)
+        assert not isinstance(info.value, ErrorReply)
     c.close()
     monkeypatch.setattr(owner, name, original)
     next_client_works(server)

@@ -24,7 +24,8 @@ from vfiouser.devices.shortcut import CALL, HOOK, KINDS, SLOW, STORE, SW_READ, S
 from vfiouser.protocol import HEADER, HEADER_SIZE
 
 from .probe import Scratch
-from .test_hot_path import INFO, READ, SENTINEL_ID, WRITE, _served_exchange, access, message, rigs  # noqa: F401 (a fixture)
+from .test_hot_path import (  # noqa: F401 (rigs: a fixture)
+    INFO, READ, SENTINEL_ID, WRITE, _served_exchange, access, message, needs_c_loop, rigs)
 
 
 #: each register's offset and size
@@ -99,15 +100,6 @@ class Gadget(PciDevice):
     def state(self) -> tuple:
         return (tuple(r.value for r in self.regs.registers), bytes(self.ram.mem), tuple(self.history), self.reads,
                 self.armed, bytes(self.config.data), self.intx_level)
-
-
-def _needs_c_loop() -> None:
-    from .conftest import real_parts_required
-
-    if not fastpath.AVAILABLE:
-        if real_parts_required():
-            pytest.fail("vfiouser._fastloop was not built (pip install needs a C compiler and Python's headers)")
-        pytest.skip("vfiouser._fastloop was not built (no C compiler here)")
 
 
 def _config_changes(dev: Gadget) -> list[tuple[tuple[int, bytes], tuple[int, bytes]]]:
@@ -195,7 +187,7 @@ def _counting(dev: Gadget) -> dict:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_c_loop_with_shortcuts_answers_as_the_full_dispatcher(rigs, serve, seed, caplog):
-    _needs_c_loop()
+    needs_c_loop()
     caplog.set_level(logging.ERROR)
     traced = rigs(True, Gadget())
     dev = Gadget()
@@ -217,7 +209,7 @@ def test_the_c_loop_with_shortcuts_answers_as_the_full_dispatcher(rigs, serve, s
 
 
 def test_register_accesses_by_shortcut_skip_the_port_until_decoding_changes(serve):
-    _needs_c_loop()
+    needs_c_loop()
     from vfiouser.client import Client
 
     dev = Gadget()
@@ -254,7 +246,7 @@ def test_register_accesses_by_shortcut_skip_the_port_until_decoding_changes(serv
 
 
 def test_a_shortcut_follows_a_hook_attached_while_the_session_runs(serve):
-    _needs_c_loop()
+    needs_c_loop()
     from vfiouser.client import Client
 
     dev = Gadget()
@@ -274,7 +266,7 @@ def test_a_shortcut_follows_a_hook_attached_while_the_session_runs(serve):
 
 def test_shortcuts_kept_per_session_are_bounded(sockdir):
     """A client touching every offset cannot grow the loop's shortcuts without bound."""
-    _needs_c_loop()
+    needs_c_loop()
     import json
 
     from vfiouser.client import DEFAULT_CLIENT_CAPS
@@ -316,7 +308,7 @@ def test_shortcuts_kept_per_session_are_bounded(sockdir):
 
 
 def test_a_port_that_makes_bad_shortcuts_gets_error_replies_and_the_session_goes_on(serve, caplog):
-    _needs_c_loop()
+    needs_c_loop()
     from vfiouser.client import Client
     from vfiouser.errors import ErrorReply
 

@@ -10,25 +10,33 @@
  *     recvmsg() into our buffer           (GIL released; blocking, or spinning
  *                                          spin_us first when asked)
  *     control data (fds) arrived?         -> hand everything to Python
- *     worker.hold()                        (the port's batch, as Session.process)
+ *     worker.hold()                        (the port's batch, as Session.process;
+ *                                          a DeviceWorker's uncontended hold is
+ *                                          done here, on its own attributes)
  *     for each whole message at the head:
  *       REGION_READ of 16 payload bytes, or REGION_WRITE of 1/2/4/8 data
  *       bytes, flags 0 or NO_REPLY, count within max_xfer:
- *         port.region_read(region, offset, bytearray(count)) /
+ *         a shortcut of the port for it (devices/shortcut.py), kept per
+ *         (region, offset, size, direction) while its guards hold: run it
+ *         here, under the port's lock (a register's value, its read hook,
+ *         its store and write hooks, or a handler's read/write);
+ *         none, or SLOW: port.region_read(region, offset, bytearray(count)) /
  *         port.region_write(region, offset, bytes)
  *         reply (unless NO_REPLY) appended to the outbox's queue;
  *         an exception: dispatcher.failed(msg_id, cmd, flags, exc), as Python
  *       anything else, or a message not all here: stop
  *     send the queue (under the transport's send lock; what the socket does
  *     not take goes through transport.send)
- *     worker.release()
+ *     worker.release()                     (likewise)
  *     bytes left over (a message Python must handle) -> hand them to Python
  *
  * It returns to Python only to hand over: ("data", bytes, ancdata, msg_flags),
  * ("eof", None, None, 0) or ("error", errno, None, 0). Python's transport then
  * frames the bytes exactly as if it had received them (Transport.feed), so the
  * full path and everything it checks stay in one place; tests/test_hot_path.py
- * runs the same streams with and without this module.
+ * and tests/test_shortcuts.py run the same streams with and without this
+ * module. For idio16's input register the whole wake-up calls two Python
+ * functions, both the model's: its read hook and the property it reads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -66,11 +74,12 @@ typedef struct {
     PyObject *shortcut;   /* port.shortcut, or NULL: every access through region_read/region_write */
     PyObject *lock;       /* port.shortcut_lock, held around a shortcut */
     PyObject *cache;      /* {key: shortcut or None}, see find_shortcut */
+    PyObject *gate;       /* the port's DeviceWorker: its uncontended hold and release done here */
     unsigned char *buf;
     unsigned char *anc;
 } FastLoop;
 
-static PyObject *str_queue, *str_since, *str_value, *str_acquire, *str_release;
+static PyObject *str_queue, *str_since, *str_value, *str_acquire, *str_release, *str_gate, *str_holder, *str_held;
 
 /* The kinds of devices/shortcut.py, and how long each one's tuple is. */
 enum { SC_SLOW, SC_CALL, SC_VALUE, SC_HOOK, SC_SW_READ, SC_STORE, SC_SW_WRITE, SC_KINDS };
@@ -108,6 +117,7 @@ fastloop_traverse(FastLoop *self, visitproc visit, void *arg)
     Py_VISIT(self->shortcut);
     Py_VISIT(self->lock);
     Py_VISIT(self->cache);
+    Py_VISIT(self->gate);
     return 0;
 }
 
@@ -127,6 +137,7 @@ fastloop_clear(FastLoop *self)
     Py_CLEAR(self->shortcut);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->cache);
+    Py_CLEAR(self->gate);
     return 0;
 }
 
@@ -145,16 +156,16 @@ fastloop_init(FastLoop *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "region_read", "region_write", "hold", "release", "outbox", "failed",
                              "send_lock", "send_rest", "watchdog", "max_xfer", "anc_size", "spin", "shortcut",
-                             "shortcut_lock", NULL};
+                             "shortcut_lock", "gate", NULL};
     PyObject *region_read, *region_write, *hold, *release, *outbox, *failed, *lock, *send_rest, *watchdog;
-    PyObject *shortcut = Py_None, *shortcut_lock = Py_None;
+    PyObject *shortcut = Py_None, *shortcut_lock = Py_None, *gate = Py_None;
     int fd;
     Py_ssize_t max_xfer, anc_size;
     double spin;
     /* parsed into locals (borrowed): the object's fields own references, also after a failure */
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd|OO", kwlist, &fd, &region_read, &region_write,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOnnd|OOO", kwlist, &fd, &region_read, &region_write,
                                      &hold, &release, &outbox, &failed, &lock, &send_rest, &watchdog, &max_xfer,
-                                     &anc_size, &spin, &shortcut, &shortcut_lock))
+                                     &anc_size, &spin, &shortcut, &shortcut_lock, &gate))
         return -1;
     if (anc_size < 0 || anc_size > 4096) {
         PyErr_SetString(PyExc_ValueError, "anc_size out of range");
@@ -184,6 +195,8 @@ fastloop_init(FastLoop *self, PyObject *args, PyObject *kwds)
     self->watchdog = Py_NewRef(watchdog);
     self->lock_acquire = acquire;
     self->lock_release = unlock;
+    if (gate != Py_None)
+        self->gate = Py_NewRef(gate);
     if (shortcut != Py_None && shortcut_lock != Py_None) { /* both, or no shortcuts */
         self->shortcut = Py_NewRef(shortcut);
         self->lock = Py_NewRef(shortcut_lock);
@@ -748,34 +761,97 @@ flush(FastLoop *self, PyObject *queue)
     return 0;
 }
 
+/* Whether gate.<name> is the int `value` (-1 on an error). */
+static int
+gate_is(FastLoop *self, PyObject *name, long value)
+{
+    PyObject *v = PyObject_GetAttr(self->gate, name);
+    if (v == NULL)
+        return -1;
+    int r = PyLong_CheckExact(v) && PyLong_AsLong(v) == value;
+    Py_DECREF(v);
+    if (PyErr_Occurred())
+        return -1;
+    return r;
+}
+
+/* worker.hold(). Uncontended (gate._gate == 0), what DeviceWorker.hold does, done here:
+ * _holder = this thread, _gate = 1. ident: this thread's threading.get_ident(). */
+static int
+hold(FastLoop *self, PyObject *ident)
+{
+    if (self->gate != NULL) {
+        int idle = gate_is(self, str_gate, 0);
+        if (idle < 0)
+            return -1;
+        if (idle) {
+            PyObject *one = PyLong_FromLong(1);
+            int r = one == NULL || PyObject_SetAttr(self->gate, str_holder, ident) < 0
+                    || PyObject_SetAttr(self->gate, str_gate, one) < 0 ? -1 : 0;
+            Py_XDECREF(one);
+            return r;
+        }
+    }
+    PyObject *r = PyObject_CallNoArgs(self->hold);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The release proper: when the gate is held once and nothing was held back (gate._gate == 1,
+ * gate._held an empty list), what DeviceWorker.release does, done here: _gate = 0; otherwise
+ * worker.release(). */
+static int
+release_once(FastLoop *self)
+{
+    if (self->gate != NULL) {
+        int once = gate_is(self, str_gate, 1);
+        if (once < 0)
+            return -1;
+        if (once) {
+            PyObject *held = PyObject_GetAttr(self->gate, str_held);
+            if (held == NULL)
+                return -1;
+            int empty = PyList_CheckExact(held) && PyList_GET_SIZE(held) == 0;
+            Py_DECREF(held);
+            if (empty) {
+                PyObject *zero = PyLong_FromLong(0);
+                int r = zero == NULL || PyObject_SetAttr(self->gate, str_gate, zero) < 0 ? -1 : 0;
+                Py_XDECREF(zero);
+                return r;
+            }
+        }
+    }
+    PyObject *r = PyObject_CallNoArgs(self->release);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* worker.release(); an exception already set is kept (the release's own is reported). */
 static int
 release(FastLoop *self)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallNoArgs(self->release);
-    if (r == NULL) {
+    if (release_once(self) < 0) {
         if (type != NULL) {
             PyErr_WriteUnraisable(self->release);
             PyErr_Restore(type, value, tb);
         }
         return -1;
     }
-    Py_DECREF(r);
     PyErr_Restore(type, value, tb);
     return type == NULL ? 0 : -1;
 }
 
 static PyObject *
-fastloop_run(FastLoop *self, PyObject *Py_UNUSED(ignored))
+serve(FastLoop *self, PyObject *ident)
 {
     struct iovec iov;
     struct msghdr msg;
-    if (self->buf == NULL || self->anc == NULL || self->hold == NULL) { /* not initialised, or cleared by the GC */
-        PyErr_SetString(PyExc_RuntimeError, "FastLoop is not initialised");
-        return NULL;
-    }
     for (;;) {
         memset(&msg, 0, sizeof(msg));
         iov.iov_base = self->buf;
@@ -805,10 +881,8 @@ fastloop_run(FastLoop *self, PyObject *Py_UNUSED(ignored))
         }
         if (set_since(self, monotonic()) < 0)
             return NULL;
-        PyObject *r = PyObject_CallNoArgs(self->hold);
-        if (r == NULL)
+        if (hold(self, ident) < 0)
             return NULL;
-        Py_DECREF(r);
         PyObject *queue = PyObject_GetAttr(self->outbox, str_queue);
         int failed = queue == NULL || !PyList_Check(queue);
         if (queue != NULL && !PyList_Check(queue))
@@ -857,6 +931,21 @@ static PyGetSetDef fastloop_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+static PyObject *
+fastloop_run(FastLoop *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->buf == NULL || self->anc == NULL || self->hold == NULL) { /* not initialised, or cleared by the GC */
+        PyErr_SetString(PyExc_RuntimeError, "FastLoop is not initialised");
+        return NULL;
+    }
+    PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident()); /* threading.get_ident() */
+    if (ident == NULL)
+        return NULL;
+    PyObject *out = serve(self, ident);
+    Py_DECREF(ident);
+    return out;
+}
+
 static PyMethodDef fastloop_methods[] = {
     {"run", (PyCFunction)fastloop_run, METH_NOARGS,
      "Serve fast-path messages until something must go to Python: returns (kind, data, ancdata, msg_flags)."},
@@ -893,8 +982,11 @@ PyInit__fastloop(void)
     str_value = PyUnicode_InternFromString("value");
     str_acquire = PyUnicode_InternFromString("acquire");
     str_release = PyUnicode_InternFromString("release");
+    str_gate = PyUnicode_InternFromString("_gate");
+    str_holder = PyUnicode_InternFromString("_holder");
+    str_held = PyUnicode_InternFromString("_held");
     if (str_queue == NULL || str_since == NULL || str_value == NULL || str_acquire == NULL || str_release == NULL
-        || PyType_Ready(&FastLoopType) < 0)
+        || str_gate == NULL || str_holder == NULL || str_held == NULL || PyType_Ready(&FastLoopType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastloop_module);
     if (m == NULL)

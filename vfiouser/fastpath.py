@@ -4,11 +4,14 @@ The pure-Python path frames, dispatches and replies in about 30,000 interpreter
 instructions per small REGION_READ besides the model's own work. The C loop
 takes exactly the messages :meth:`vfiouser.dispatch.Dispatcher.dispatch`'s fast
 path takes (a well-formed REGION_READ of 16 payload bytes or REGION_WRITE of
-1, 2, 4 or 8 data bytes, flags 0 or NO_REPLY, no fds), calls the same port
-methods with the same arguments, queues the same replies in the session's
-outbox and sends them under the transport's send lock, holds the port's batch
-around each wake-up's messages, and keeps the loop watchdog's ``since`` up to
-date. Everything else, it hands to Python as received bytes
+1, 2, 4 or 8 data bytes, flags 0 or NO_REPLY, no fds), queues the same replies
+in the session's outbox and sends them under the transport's send lock, holds
+the port's batch around each wake-up's messages, and keeps the loop watchdog's
+``since`` up to date. Where the port offers shortcuts
+(:mod:`vfiouser.devices.shortcut`), the loop runs a BAR access's shortcut itself
+(a register's value or hook, a handler's read or write) instead of calling
+``port.region_read``/``region_write`` and the layers under them; otherwise it
+calls those with the same arguments as the Python path. Everything else, it hands to Python as received bytes
 (:meth:`vfiouser.transport.Transport.feed`), so the full path stays the only
 place that checks anything else.
 
@@ -59,7 +62,8 @@ def for_session(session, *, watchdog, spin: float):
                     outbox=session.outbox, failed=session.dispatcher.failed, send_lock=transport._send_lock,
                     send_rest=transport.send, watchdog=watchdog, max_xfer=session.dispatcher.max_xfer,
                     anc_size=transport._ancbuf, spin=spin,
-                    shortcut=port.shortcut if lock is not None else None, shortcut_lock=lock)
+                    shortcut=port.shortcut if lock is not None else None, shortcut_lock=lock,
+                    gate=batch if isinstance(batch, DeviceWorker) else None)
 
 
 def serve(session, fast) -> list | None:

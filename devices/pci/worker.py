@@ -105,6 +105,10 @@ class DeviceWorker:
         Tasks other threads submit meanwhile are held only if held tasks are waiting (so
         submission order is kept). One thread holds at a time: the backend's loop, once per
         batch of requests. Costs no lock: the gate is that thread's own state.
+
+        vfiouser's C loop does the common case of this and of :meth:`release` itself, on the
+        same three attributes (``_gate`` 0 -> 1 with ``_holder`` set; 1 -> 0 when ``_held`` is
+        an empty list) and calls these methods otherwise: keep those names and meanings.
         """
         me = threading.get_ident()
         if self._gate and self._holder != me:
