@@ -18,6 +18,9 @@ what it ends in as a tuple; a backend's hot loop (vfiouser's C loop, see
     STORE     (STORE, guards, reg, keep, hooks)                                 reg.value = reg.value & keep | value & ~keep,
                                                                                 then fn(reg, value) for fn in hooks
     SW_WRITE  (SW_WRITE, guards, sw_write, lanes)                               sw_write(value, lanes)
+    COMPOSE   (COMPOSE, guards, fill, parts)            the bytes filled with `fill`, then each part in order:
+              parts: ((pos, nbytes, shortcut), ...)     its shortcut (no guards of its own, not SLOW, CALL or
+                                                        COMPOSE) on bytes [pos, pos+nbytes) of the access
 
 A read's value fills the access's bytes, little-endian. Everything but SLOW runs
 with the port's ``shortcut_lock`` held, as ``region_read`` holds it; an exception
@@ -52,7 +55,7 @@ False
 
 from __future__ import annotations
 
-__all__ = ["SLOW", "CALL", "VALUE", "HOOK", "SW_READ", "STORE", "SW_WRITE", "KINDS", "holds", "guard"]
+__all__ = ["SLOW", "CALL", "VALUE", "HOOK", "SW_READ", "STORE", "SW_WRITE", "COMPOSE", "KINDS", "holds", "guard"]
 
 SLOW = 0
 CALL = 1
@@ -61,10 +64,11 @@ HOOK = 3
 SW_READ = 4
 STORE = 5
 SW_WRITE = 6
+COMPOSE = 7
 
 #: names of the kinds, for logs and tests
 KINDS = {SLOW: "SLOW", CALL: "CALL", VALUE: "VALUE", HOOK: "HOOK", SW_READ: "SW_READ", STORE: "STORE",
-         SW_WRITE: "SW_WRITE"}
+         SW_WRITE: "SW_WRITE", COMPOSE: "COMPOSE"}
 
 
 def guard(obj: object, name: str) -> tuple[object, str, object]:

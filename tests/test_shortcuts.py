@@ -20,7 +20,7 @@ from vfiouser import fastpath
 from vfiouser.devices.pci import INTA, IoBar, MemoryBar, PciDevice
 from vfiouser.devices.pci.firmware import bring_up
 from vfiouser.devices.regs import RCLR, RO, W1C, Field, Register, RegisterMap, after_read, on_read, on_write
-from vfiouser.devices.shortcut import CALL, HOOK, KINDS, SLOW, STORE, SW_READ, SW_WRITE, VALUE, holds
+from vfiouser.devices.shortcut import CALL, COMPOSE, HOOK, KINDS, SLOW, STORE, SW_READ, SW_WRITE, VALUE, holds
 from vfiouser.protocol import HEADER, HEADER_SIZE
 
 from .probe import Scratch
@@ -235,14 +235,18 @@ def test_register_accesses_by_shortcut_skip_the_port_until_decoding_changes(serv
         assert c.region_read(0, 0x0C, 4) == (0).to_bytes(4, "little")
         c.region_write(0, 0x900, b"\x11\x22\x33\x44")  # CALL
         assert c.region_read(0, 0x900, 4) == b"\x11\x22\x33\x44" and dev.ram.mem[0x100:0x104] == b"\x11\x22\x33\x44"
+        # COMPOSE: one access, several whole registers (watched at 0x08, status at 0x0C), a gap between
+        c.region_write(0, 0x08, (0x0001_0000_BEEF).to_bytes(8, "little"))  # watched = 0xBEEF; status: done is 0
+        assert dev.history[-1] == ("watched", 0xBEEF)
+        assert c.region_read(0, 0x08, 8) == (0xBEEF).to_bytes(4, "little") + (0).to_bytes(4, "little")
         assert seen["slow"] == 0
-        assert set(seen["kinds"]) == {"VALUE", "HOOK", "SW_READ", "STORE", "SW_WRITE", "CALL"}
+        assert set(seen["kinds"]) == {"VALUE", "HOOK", "SW_READ", "STORE", "SW_WRITE", "CALL", "COMPOSE"}
         command = c.region_read(7, 0x04, 2)
         c.region_write(7, 0x04, b"\0\0")  # decoding off: all-ones, by the port
         assert c.region_read(0, 0x08, 2) == b"\xff\xff" and seen["slow"] == 1 and "SLOW" in seen["kinds"]
         c.region_write(7, 0x04, command)
-        assert c.region_read(0, 0x08, 2) == (99).to_bytes(2, "little")
-    assert ("watched", 99) in dev.history and sum(1 for h in dev.history if h[0] == "watched") == 100
+        assert c.region_read(0, 0x08, 2) == (0xBEEF).to_bytes(2, "little")
+    assert ("watched", 99) in dev.history and sum(1 for h in dev.history if h[0] == "watched") == 101
 
 
 def test_a_shortcut_follows_a_hook_attached_while_the_session_runs(serve):
@@ -352,6 +356,16 @@ def test_a_shortcut_is_guarded_by_what_it_depends_on():
     assert port.shortcut(0, 0x08, 2, True)[0] == STORE
     assert port.shortcut(0, 0x900, 4, False)[0] == CALL
     assert port.shortcut(0, 0x3E, 4, False)[0] == SLOW  # straddles the block's end
+    composed = port.shortcut(0, 0x08, 8, False)  # watched, a gap, status
+    assert composed[0] == COMPOSE and [(pos, n, KINDS[p[0]]) for pos, n, p in composed[3]] == \
+        [(0, 2, "VALUE"), (4, 4, "VALUE")]
+    assert port.shortcut(0, 0x09, 2, False)[0] == CALL  # half of watched: the general decoder
+    from vfiouser.devices.idio16 import Idio16
+
+    idio = Idio16()
+    bring_up(idio.port)
+    four = idio.port.shortcut(2, 4, 4, False)  # out8_15, in8_15 (hook), irq_status, port 7 (reads 0)
+    assert four[0] == COMPOSE and four[2] == 0 and [KINDS[p[0]] for _, _, p in four[3]] == ["VALUE", "HOOK", "VALUE"]
     assert port.shortcut(7, 0, 4, False) is None  # config space
     assert port.shortcut(0, 0xFFE, 4, False) is None  # out of bounds
     assert port.shortcut(2, 0, 4, True) is not None

@@ -82,8 +82,8 @@ typedef struct {
 static PyObject *str_queue, *str_since, *str_value, *str_acquire, *str_release, *str_gate, *str_holder, *str_held;
 
 /* The kinds of devices/shortcut.py, and how long each one's tuple is. */
-enum { SC_SLOW, SC_CALL, SC_VALUE, SC_HOOK, SC_SW_READ, SC_STORE, SC_SW_WRITE, SC_KINDS };
-static const Py_ssize_t sc_length[SC_KINDS] = {2, 5, 4, 5, 4, 5, 4};
+enum { SC_SLOW, SC_CALL, SC_VALUE, SC_HOOK, SC_SW_READ, SC_STORE, SC_SW_WRITE, SC_COMPOSE, SC_KINDS };
+static const Py_ssize_t sc_length[SC_KINDS] = {2, 5, 4, 5, 4, 5, 4, 4};
 #define CACHE_MAX 4096 /* shortcuts kept per session: a client scanning a BAR cannot grow it further */
 
 static inline uint16_t rd16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -350,10 +350,10 @@ guards_hold(PyObject *cut)
     return 1;
 }
 
-/* Whether a shortcut the port made is one this loop can run for this direction (the loop
- * indexes its tuple without further checks). */
+/* Whether a shortcut the port made is one this loop can run for this direction and size (the
+ * loop indexes its tuple without further checks); depth 1: a COMPOSE's part. */
 static int
-well_formed(PyObject *cut, int write)
+well_formed(PyObject *cut, int write, uint32_t count, int depth)
 {
     if (!PyTuple_CheckExact(cut) || PyTuple_GET_SIZE(cut) < 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(cut, 0))
         || !PyTuple_CheckExact(PyTuple_GET_ITEM(cut, 1)))
@@ -363,11 +363,33 @@ well_formed(PyObject *cut, int write)
         return 0;
     if (write ? (kind == SC_VALUE || kind == SC_HOOK || kind == SC_SW_READ) : (kind == SC_STORE || kind == SC_SW_WRITE))
         return 0;
+    if (depth > 0 && (kind == SC_SLOW || kind == SC_CALL || kind == SC_COMPOSE))
+        return 0;
     PyObject *guards = PyTuple_GET_ITEM(cut, 1);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); i++) {
         PyObject *g = PyTuple_GET_ITEM(guards, i);
         if (!PyTuple_CheckExact(g) || PyTuple_GET_SIZE(g) != 3 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(g, 1)))
             return 0;
+    }
+    if (kind == SC_COMPOSE) { /* (COMPOSE, guards, fill, ((pos, nbytes, part), ...)) */
+        PyObject *parts = PyTuple_GET_ITEM(cut, 3);
+        long fill = PyLong_Check(PyTuple_GET_ITEM(cut, 2)) ? PyLong_AsLong(PyTuple_GET_ITEM(cut, 2)) : -1;
+        if (fill < 0 || fill > 255 || !PyTuple_CheckExact(parts))
+            return 0;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts); i++) {
+            PyObject *part = PyTuple_GET_ITEM(parts, i);
+            if (!PyTuple_CheckExact(part) || PyTuple_GET_SIZE(part) != 3 || !PyLong_CheckExact(PyTuple_GET_ITEM(part, 0))
+                || !PyLong_CheckExact(PyTuple_GET_ITEM(part, 1)))
+                return 0;
+            long pos = PyLong_AsLong(PyTuple_GET_ITEM(part, 0)), n = PyLong_AsLong(PyTuple_GET_ITEM(part, 1));
+            if (pos < 0 || n < 1 || n > 8 || pos + n > (long)count
+                || !well_formed(PyTuple_GET_ITEM(part, 2), write, (uint32_t)n, depth + 1))
+                return 0;
+        }
+    }
+    if (PyErr_Occurred()) { /* an int too large for a long */
+        PyErr_Clear();
+        return 0;
     }
     return 1;
 }
@@ -400,7 +422,7 @@ find_shortcut(FastLoop *self, uint32_t region, uint64_t offset, uint32_t count, 
     }
     cut = PyObject_CallFunction(self->shortcut, "IKIO", (unsigned)region, (unsigned long long)offset,
                                 (unsigned)count, write ? Py_True : Py_False);
-    if (cut != NULL && cut != Py_None && !well_formed(cut, write)) {
+    if (cut != NULL && cut != Py_None && !well_formed(cut, write, count, 0)) {
         PyErr_Format(PyExc_TypeError, "port.shortcut returned %R for a %s: not a shortcut of %s", cut,
                      write ? "write" : "read", write ? "a write" : "a read");
         Py_CLEAR(cut);
@@ -480,6 +502,17 @@ read_value(PyObject *cut, long kind)
 static int
 run_read(PyObject *cut, long kind, unsigned char *out, uint32_t count)
 {
+    if (kind == SC_COMPOSE) {
+        memset(out, (int)PyLong_AsLong(PyTuple_GET_ITEM(cut, 2)), count);
+        PyObject *parts = PyTuple_GET_ITEM(cut, 3);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts); i++) {
+            PyObject *part = PyTuple_GET_ITEM(parts, i), *sub = PyTuple_GET_ITEM(part, 2);
+            if (run_read(sub, PyLong_AsLong(PyTuple_GET_ITEM(sub, 0)), out + PyLong_AsLong(PyTuple_GET_ITEM(part, 0)),
+                         (uint32_t)PyLong_AsLong(PyTuple_GET_ITEM(part, 1))) < 0)
+                return -1;
+        }
+        return 0;
+    }
     if (kind == SC_CALL) {
         PyObject *data = PyByteArray_FromStringAndSize(NULL, count);
         if (data == NULL)
@@ -516,6 +549,16 @@ run_read(PyObject *cut, long kind, unsigned char *out, uint32_t count)
 static int
 run_write(PyObject *cut, long kind, const unsigned char *p, uint32_t count)
 {
+    if (kind == SC_COMPOSE) {
+        PyObject *parts = PyTuple_GET_ITEM(cut, 3);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts); i++) {
+            PyObject *part = PyTuple_GET_ITEM(parts, i), *sub = PyTuple_GET_ITEM(part, 2);
+            if (run_write(sub, PyLong_AsLong(PyTuple_GET_ITEM(sub, 0)), p + PyLong_AsLong(PyTuple_GET_ITEM(part, 0)),
+                          (uint32_t)PyLong_AsLong(PyTuple_GET_ITEM(part, 1))) < 0)
+                return -1;
+        }
+        return 0;
+    }
     if (kind == SC_CALL) {
         PyObject *data = PyBytes_FromStringAndSize((const char *)p, count);
         PyObject *r = data == NULL ? NULL : call_handler(cut, data);

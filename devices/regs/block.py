@@ -35,7 +35,7 @@ import logging
 import struct
 from collections.abc import Callable
 
-from vfiouser.devices.shortcut import HOOK, STORE, SW_READ, SW_WRITE, VALUE
+from vfiouser.devices.shortcut import COMPOSE, HOOK, STORE, SW_READ, SW_WRITE, VALUE
 from vfiouser.iomgr import DeviceIo
 
 from .access import Field, RegisterDefinitionError
@@ -274,19 +274,47 @@ class RegisterBlock(HardwareSide, DeviceIo):
         table = self._wfast if write else self._rfast
         hit = table.get(offset)
         if hit is None or hit[0] != size:
-            return None
-        guards = ((self, "_wfast" if write else "_rfast", table),)
-        r = hit[2]
+            return self._composed(offset, size, write)
+        cut = self._whole(hit[2], write, hit)
+        return (cut[0], ((self, "_wfast" if write else "_rfast", table),)) + cut[2:]
+
+    def _whole(self, r: Register, write: bool, hit: tuple | None = None) -> tuple:
+        """The shortcut (no guards yet) of an access that covers register ``r`` exactly, as
+        :meth:`read`/:meth:`write` serve it (``hit``: its fast-table entry, if it has one)."""
         if write:
-            kind = hit[3]
+            kind = hit[3] if hit is not None else 2
             if kind == 2:
-                return (SW_WRITE, guards, r.sw_write, r.full)
-            return (STORE, guards, r, r.keep, r.write_hooks if kind else ())
-        if hit[3]:  # plain
-            return (VALUE, guards, r, r.rmask)
+                return (SW_WRITE, (), r.sw_write, r.full)
+            return (STORE, (), r, r.keep, r.write_hooks if kind else ())
+        plain = r.read_hook is None and not (r.field_read_hooks or r.after_read_hooks or r.rclr or r.rset)
+        if plain:
+            return (VALUE, (), r, r.rmask)
         if r.read_hook is not None and not (r.field_read_hooks or r.after_read_hooks or r.rclr or r.rset):
-            return (HOOK, guards, r, r.read_hook, r.rmask)
-        return (SW_READ, guards, r.sw_read, r.full)
+            return (HOOK, (), r, r.read_hook, r.rmask)
+        return (SW_READ, (), r.sw_read, r.full)
+
+    def _composed(self, offset: int, size: int, write: bool) -> tuple | None:
+        """An access the general decoder serves, when each register it reaches is covered whole
+        (an 8-byte read of four 16-bit registers): COMPOSE, each register's part in byte order,
+        the rest filled with the policy's ``unmapped`` byte; None otherwise (refused, banked,
+        a register cut or extended, nothing reached)."""
+        if size > 8 or not self.policy.allows(size, offset):
+            return None
+        table = self._wbytes if write else self._rbytes
+        parts = []
+        for r in self._touched(table, offset, size):
+            if r.bank is not None or r.alias_of is not None:
+                return None
+            span = self._span(r, offset, size)
+            if span is None:
+                continue
+            if span != (r.offset, r.end) or r.offset < offset or r.end > offset + size:
+                return None  # part of a register, or one an EXTEND access covers from its start
+            parts.append((r.offset - offset, r.nbytes, self._whole(r, write)))
+        if not parts or any(len(table.get(p, ())) > 1 for p in range(offset, offset + size)):
+            return None
+        guards = ((self, "_wbytes" if write else "_rbytes", table),)
+        return (COMPOSE, guards, self.policy.unmapped, tuple(parts))
 
     def _touched(self, table: dict, offset: int, size: int) -> list[Register]:
         out: list[Register] = []

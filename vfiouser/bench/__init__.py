@@ -114,10 +114,12 @@ def _guarded(results: dict, keys: list[str], fn) -> None:
 
 def _passes(placement, quick: bool) -> list[tuple[str, tuple[int, ...] | None]]:
     """The server placements the socket-level sections are measured under."""
+    from .placement import OWN_CPU, SHARED_CPU
+
     if not placement.pinned:
         return [("scheduler's choice", None)]
-    own = ("server on its own CPU", tuple(sorted(placement.server)))
-    shared = ("server on the harness CPU", tuple(sorted(placement.harness)))
+    own = (OWN_CPU, tuple(sorted(placement.server)))
+    shared = (SHARED_CPU, tuple(sorted(placement.harness)))
     if own[1] == shared[1] or quick:
         return [own]
     return [own, shared]

@@ -15,9 +15,14 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "OWN_CPU", "SHARED_CPU"]
 
 log = logging.getLogger(__name__)
+
+
+#: the labels of the two server placements (the report's targets tell them apart)
+OWN_CPU = "server on its own CPU"
+SHARED_CPU = "server on the harness CPU"
 
 
 class Placement:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from .placement import SHARED_CPU
 from .storage_report import storage_section, storage_targets
 
 __all__ = ["render_markdown", "write_plot", "targets", "versus_c_targets", "reference_rows", "dma_series",
@@ -166,9 +167,13 @@ def versus_c_targets(results: dict) -> list[dict]:
         out.append({"target": cpu_target, "measured": "not measured", "holds": None})
     read_target = f"trapped 1-byte I/O read through QEMU, ours ≤ {TARGET_TRAPPED_VS_C:g}× the C sample"
     poll_target = f"trapped 1-byte I/O read, ours with `--poll-us {vc.get('poll_us', 50)}` below the C sample's default"
-    for name, key, test in ((read_target, "ours", lambda a, c: a / c <= TARGET_TRAPPED_VS_C),
-                            (poll_target, "poll", lambda a, c: a < c)):
+    # Busy polling is to beat C "where a CPU is free" (issue 11): the server on its own CPU. Sharing
+    # the harness's CPU, a spinning server only takes turns with QEMU; section 7 shows that figure.
+    for name, key, test, where in ((read_target, "ours", lambda a, c: a / c <= TARGET_TRAPPED_VS_C, None),
+                                   (poll_target, "poll", lambda a, c: a < c, SHARED_CPU)):
         for p in trapped.get("passes", []):
+            if p["label"] == where:
+                continue
             row = _vc_row(p["rows"], "read", 1)
             ok = bool(row and key in row and "c" in row)
             out.append({"target": f"{name} ({p['label']})",
@@ -751,12 +756,34 @@ def _versus_c_section(results: dict) -> list[str]:
         "and a peek at the socket (`vfiouser/libvfio_user/server.py`). Against C it shows what the Python model "
         "and the crossing into it cost; against ours, what each engine's way around the model costs.",
         "* libvfio-user reads each message with two system calls (`recvmsg` for the header, `recv` for the body) "
-        "and answers with one `sendmsg`; ours reads whatever has arrived with one `recvmsg_into` and sends the "
+        "and answers with one `sendmsg`; ours reads whatever has arrived with one `recvmsg` and sends the "
         "replies of a wake-up together (one system call each way per wake-up, however many messages).",
+        "* Ours serves these messages in its C loop, which runs each register access's *shortcut* itself "
+        "(`vfiouser/devices/shortcut.py`): for the idio16's input register a wake-up calls two Python functions, "
+        "both the model's (its read hook and the property it reads). A 2- or 4-byte access at offset 4 reaches "
+        "two or three of the card's 8-bit registers: its shortcut runs each register's part in turn.",
+        *_poll_note(vc),
         "* Like every figure in this report, these are single runs on a shared VM: compare ratios taken in the same "
         "run, and re-run before reading much into a few percent.",
     ]
     return lines
+
+
+def _poll_note(vc: dict) -> list[str]:
+    """Why busy polling is a target only where the server has a CPU of its own, with the other figure."""
+    shared = next((p for p in (vc.get("trapped") or {}).get("passes", []) if p["label"] == SHARED_CPU), None)
+    row = _vc_row(shared["rows"], "read", 1) if shared else None
+    figure = ""
+    if row and "poll" in row and "c" in row and "ours" in row:
+        figure = (f" Here, sharing the harness's CPU, a trapped 1-byte read took {_us(row['poll']['median'])} µs "
+                  f"polling, {_us(row['ours']['median'])} µs by default and {_us(row['c']['median'])} µs for C "
+                  f"({_ratio(row['poll']['median'] / row['c']['median'])} C).")
+    return ["* Busy polling (`--poll-us`) pays where the server has a CPU of its own: a request that arrives "
+            "within the window is taken without waking the server, which on this VM costs tens of µs. Its price is "
+            "that CPU, spent spinning for the window after every wake-up. Sharing a CPU with QEMU, the spinning "
+            "server can only take turns with it (it yields on every turn of the loop), so there it saves little; "
+            "the polling target is therefore the own-CPU one, as the issue puts it (\"where a CPU is free\")."
+            + figure]
 
 
 def _added_cost(results: dict) -> list[str]:
