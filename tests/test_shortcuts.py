@@ -374,3 +374,28 @@ def test_a_shortcut_is_guarded_by_what_it_depends_on():
     hooked = port.shortcut(0, 0, 4, False)
     dev.bar0.unmap(0)  # a new IoManager snapshot
     assert not holds(hooked) and port.shortcut(0, 0, 4, False)[0] == SLOW
+
+
+def test_a_shortcut_is_checked_with_the_device_lock_held(serve):
+    """A thread holding the device lock may change where accesses go (here: unmap a handler); an
+    access that waited for the lock meanwhile goes where the change sent it."""
+    needs_c_loop()
+    import threading
+    import time
+
+    from vfiouser.client import Client
+
+    dev = Gadget()
+    server = serve(dev)
+    with Client.connect(server.path) as c:
+        c.bring_up()
+        c.region_write(0, 0x900, b"\x11\x22\x33\x44")
+        assert c.region_read(0, 0x900, 4) == b"\x11\x22\x33\x44"  # a CALL shortcut, kept
+        got = []
+        with dev.lock:
+            reader = threading.Thread(target=lambda: got.append(c.region_read(0, 0x900, 4)))
+            reader.start()
+            time.sleep(0.3)  # the C loop now waits for the lock
+            dev.bar0.unmap(0x800)
+        reader.join(5)
+        assert got == [b"\xff" * 4]  # nothing there any more: all-ones, as region_read answers

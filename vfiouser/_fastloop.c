@@ -624,21 +624,24 @@ static int
 by_shortcut(FastLoop *self, uint32_t region, uint64_t offset, uint32_t count, int write, const unsigned char *in,
             unsigned char *out)
 {
-    PyObject *cut = find_shortcut(self, region, offset, count, write);
-    if (cut == NULL)
-        return -1;
-    long kind = cut == Py_None ? SC_SLOW : PyLong_AsLong(PyTuple_GET_ITEM(cut, 0));
-    if (kind == SC_SLOW) {
-        Py_DECREF(cut);
+    if (self->shortcut == NULL)
         return 1;
+    /* The guards are checked with the lock held, as region_read reads the BAR and the IoManager
+     * with it held: a thread that holds the lock may be changing where accesses go. */
+    if (lock_take(self) < 0)
+        return -1;
+    int r = -1;
+    PyObject *cut = find_shortcut(self, region, offset, count, write);
+    if (cut != NULL) {
+        long kind = cut == Py_None ? SC_SLOW : PyLong_AsLong(PyTuple_GET_ITEM(cut, 0));
+        if (kind == SC_SLOW)
+            r = 1;
+        else
+            r = write ? run_write(cut, kind, in, count) : run_read(cut, kind, out, count);
+        Py_DECREF(cut);
     }
-    int r = lock_take(self);
-    if (r == 0) {
-        r = write ? run_write(cut, kind, in, count) : run_read(cut, kind, out, count);
-        if (lock_drop(self) < 0)
-            r = -1;
-    }
-    Py_DECREF(cut);
+    if (lock_drop(self) < 0)
+        r = -1;
     return r;
 }
 
