@@ -22,13 +22,14 @@ what it ends in as a tuple; a backend's hot loop (vfiouser's C loop, see
               parts: ((pos, nbytes, shortcut), ...)     its shortcut (no guards of its own, not SLOW, CALL or
                                                         COMPOSE) on bytes [pos, pos+nbytes) of the access
 
-A read's value fills the access's bytes, little-endian. Everything but SLOW runs
-with the port's ``shortcut_lock`` held, as ``region_read`` holds it; an exception
-is the model's, as it would be from ``region_read``.
+A read's value fills the access's bytes, little-endian. A backend holds the
+port's ``shortcut_lock`` while it checks and runs a shortcut, as ``region_read``
+holds it; an exception is the model's, as it would be from ``region_read``.
 
 A shortcut holds while each of its *guards*, ``(obj, name, expected)``, has
-``getattr(obj, name) is expected``; a backend checks them before each use and
-asks the port again when one fails. The guards are the objects that everything
+``getattr(obj, name) is expected``; a backend checks them before each use (with
+the lock held: a thread holding it may be changing them) and asks the port again
+when one fails. The guards are the objects that everything
 changing where an access goes replaces: the IoManager snapshot a BAR dispatches
 through (a BAR programmed, moved or switched off, a handler mapped or unmapped:
 each commits a new snapshot), a BAR's address, a register block's decoding

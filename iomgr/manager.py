@@ -259,8 +259,8 @@ class IoManager:
     def mmio_target(self, addr: int, size: int) -> tuple[DeviceIo, int] | None:
         """The device :meth:`mmio_read` or :meth:`mmio_write` of ``size`` bytes at ``addr`` would
         call, and its range's base as the device is given it; ``None`` where they would raise. A
-        caller may keep the answer for as long as this snapshot is current (a backend's route
-        cache does)."""
+        caller may keep the answer for as long as this snapshot is current (a backend's cache
+        of shortcuts does)."""
         return self._target(self._mmio, addr, size)
 
     def pio_target(self, addr: int, size: int) -> tuple[DeviceIo, int] | None:

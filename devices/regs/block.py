@@ -286,12 +286,11 @@ class RegisterBlock(HardwareSide, DeviceIo):
             if kind == 2:
                 return (SW_WRITE, (), r.sw_write, r.full)
             return (STORE, (), r, r.keep, r.write_hooks if kind else ())
-        plain = r.read_hook is None and not (r.field_read_hooks or r.after_read_hooks or r.rclr or r.rset)
-        if plain:
+        if r.field_read_hooks or r.after_read_hooks or r.rclr or r.rset:
+            return (SW_READ, (), r.sw_read, r.full)
+        if r.read_hook is None:  # plain, as _refresh decides for the fast table
             return (VALUE, (), r, r.rmask)
-        if r.read_hook is not None and not (r.field_read_hooks or r.after_read_hooks or r.rclr or r.rset):
-            return (HOOK, (), r, r.read_hook, r.rmask)
-        return (SW_READ, (), r.sw_read, r.full)
+        return (HOOK, (), r, r.read_hook, r.rmask)
 
     def _composed(self, offset: int, size: int, write: bool) -> tuple | None:
         """An access the general decoder serves, when each register it reaches is covered whole
